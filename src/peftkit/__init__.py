@@ -1,0 +1,23 @@
+"""peftkit: parameter-efficient fine-tuning with files interchangeable with Hugging Face PEFT.
+
+    import peftkit
+    peftkit.apply(model, peftkit.LoraConfig(r=8, target_modules=["query", "value"]))
+    ...train...
+    peftkit.save(model, "my-adapter")
+"""
+
+from .adapters import TrainableSummary, active_adapters, delete, disabled, merge, set_active, trainable_summary, unmerge
+from .config import PeftConfig
+from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError
+from .inject import apply, infer_task_type, unload
+from .io import load, read_config, save
+from .methods.lora import LoraConfig
+from .registry import Method, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError", "ConfigError", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
+    "PeftkitError", "TrainableSummary", "active_adapters", "apply", "delete", "disabled", "infer_task_type",
+    "load", "merge", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
+]

@@ -1,0 +1,130 @@
+"""Model-level operations on the adapters a model carries.
+
+- ``set_active(model, names)``: which adapters run. Several active LoRA adapters add their
+  deltas; each method documents its own composition rule in its module docstring.
+- ``disabled(model)``: a context in which the base model runs alone.
+- ``merge`` / ``unmerge``: fold the active mergeable adapters into the base weights and back.
+- ``delete(model, name)``: remove one adapter.
+- ``trainable_summary(model)``: trainable vs total parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch.nn as nn
+
+from .errors import ModelError
+from .layer import AdapterLayer
+from .state import check_name, drop_state, get_state, hosts, replace_module
+
+
+def _is_merged(model: nn.Module) -> bool:
+    return any(isinstance(h, AdapterLayer) and h.merged for _, h in hosts(model))
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make ``names`` (one name or a list, in order) the active adapters."""
+    state = get_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        check_name(state, name)
+    if len(set(names)) != len(names):
+        raise ModelError(f"adapter names repeat in {names}")
+    if _is_merged(model):
+        raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before switching")
+    for _, host in hosts(model):
+        host.set_active(names)
+    state.active = names
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(get_state(model).active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged meanwhile)."""
+    get_state(model)
+    was_merged = _is_merged(model)
+    if was_merged:
+        unmerge(model)
+    all_hosts = [h for _, h in hosts(model)]
+    for host in all_hosts:
+        host.set_disabled(True)
+    try:
+        yield model
+    finally:
+        for host in all_hosts:
+            host.set_disabled(False)
+        if was_merged:
+            merge(model)
+
+
+def merge(model: nn.Module) -> list[str]:
+    """Fold the active adapters into the base weights; forward then costs the base's alone.
+
+    Returns the names merged. Raises ``ModelError`` when an active adapter cannot be merged.
+    """
+    state = get_state(model)
+    if not state.active:
+        raise ModelError("no active adapter to merge")
+    layers = [h for _, h in hosts(model) if isinstance(h, AdapterLayer)]
+    for host in layers:
+        for name in host.active:
+            if not host.adapters[name].mergeable:
+                raise ModelError(f"adapter {name!r} ({type(host.adapters[name]).__name__}) cannot be merged")
+    for host in layers:
+        host.merge()
+    return list(state.active)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge``: subtract what was folded in (no-op when nothing is merged)."""
+    get_state(model)
+    for _, host in hosts(model):
+        if isinstance(host, AdapterLayer):
+            host.unmerge()
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left with no adapter get their original module back."""
+    state = get_state(model)
+    check_name(state, name)
+    for path, host in list(hosts(model)):
+        if isinstance(host, AdapterLayer) and name in host.adapters:
+            if name in host.merged:
+                raise ModelError(f"adapter {name!r} is merged; call peftkit.unmerge(model) first")
+    for path, host in list(hosts(model)):
+        holder = host.adapters if isinstance(host, AdapterLayer) else host.copies
+        if name not in holder:
+            continue
+        host.remove(name)
+        if not len(holder):
+            replace_module(model, path, host.base_layer if isinstance(host, AdapterLayer) else host.original_module)
+    del state.configs[name]
+    state.targets.pop(name, None)
+    state.active = [n for n in state.active if n != name]
+    if not state.configs:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(state.requires_grad.get(pname, True))
+        drop_state(model)
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    trainable: int
+    total: int
+    percent: float
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {self.percent:.4f}%"
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return TrainableSummary(trainable, total, 100.0 * trainable / total if total else 0.0)

@@ -1,0 +1,160 @@
+"""``apply`` and ``unload``: wrap the matched modules in host layers, freeze the rest."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from . import adapters as ops
+from . import registry
+from .config import PeftConfig
+from .errors import ConfigError, ModelError
+from .layer import AdapterLayer, SavedModule
+from .state import drop_state, get_state, hosts, replace_module
+from .targeting import config_modules_to_save, find_targets, logical_modules, matches
+
+# Class-name endings of transformers heads -> HF PEFT task_type.
+_TASK_SUFFIXES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+# Heads HF PEFT trains and saves in full for these tasks (absent names are skipped).
+_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+               "QUESTION_ANS": ["qa_outputs"]}
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in _TASK_SUFFIXES:
+        if cls.endswith(suffix):
+            return task
+    if hasattr(model, "config") and hasattr(model, "base_model_prefix"):
+        return "FEATURE_EXTRACTION"  # a bare transformers backbone
+    return None
+
+
+def apply(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Module:
+    """Adapt ``model`` in place with ``config`` under ``name``; returns the same model.
+
+    The matched modules are wrapped, every base parameter is frozen, the new adapter (and its
+    ``modules_to_save`` copies) is trainable, and it becomes the one active adapter.
+    """
+    if not isinstance(config, PeftConfig):
+        raise ConfigError(f"config: expected a peftkit config (e.g. LoraConfig), found {type(config).__name__}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name: expected a non-empty string without '.', found {name!r}")
+    method = registry.method_for(config)
+    state = get_state(model, create=True)
+    if name in state.configs:
+        raise ConfigError(f"an adapter named {name!r} exists already; delete it or choose another name")
+    if any(h.merged for _, h in hosts(model) if isinstance(h, AdapterLayer)):
+        raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before adding one")
+    config = _with_task_defaults(model, config)
+    try:
+        targets = find_targets(model, config, method.default_targets)
+        _check_saved_modules(model, config)
+    except ConfigError:
+        if not state.configs:
+            drop_state(model)
+        raise
+    units = [(path, method.make_unit(config, getattr(m, "base_layer", m), path)) for path, m in targets]
+    for (path, module), (_, unit) in zip(targets, units):
+        host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+        host.add(name, unit)
+        if host is not module:
+            replace_module(model, path, host)
+    _add_saved_modules(model, config, name)
+    state.configs[name] = config
+    state.targets[name] = [path for path, _ in targets]
+    _freeze_all_but(model, name, config)
+    ops.set_active(model, name)
+    return model
+
+
+def _with_task_defaults(model: nn.Module, config: PeftConfig) -> PeftConfig:
+    if config.task_type is None:
+        config.task_type = infer_task_type(model)
+    heads = _TASK_HEADS.get(config.task_type)
+    if heads is not None and hasattr(config, "modules_to_save"):
+        config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads))
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return config
+
+
+def _check_saved_modules(model: nn.Module, config: PeftConfig) -> None:
+    asked = config_modules_to_save(config)
+    implied = set(_TASK_HEADS.get(config.task_type, []))
+    names = [n for n, _ in logical_modules(model) if n]
+    for entry in asked:
+        if entry not in implied and not any(matches([entry], n) for n in names):
+            raise ConfigError(f"modules_to_save: {entry!r} matches no module of {type(model).__name__}")
+
+
+def _add_saved_modules(model: nn.Module, config: PeftConfig, name: str) -> None:
+    asked = config_modules_to_save(config)
+    if not asked:
+        return
+    found = [(n, m) for n, m in logical_modules(model) if n and matches(asked, n)]
+    for path, module in found:
+        if isinstance(module, AdapterLayer):
+            raise ConfigError(f"modules_to_save: {path!r} is adapted by another adapter; it cannot also be saved in full")
+        host = module if isinstance(module, SavedModule) else SavedModule(module)
+        host.add(name)
+        if host is not module:
+            replace_module(model, path, host)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Parameters owned by adapter ``name``: its units and its ``modules_to_save`` copies."""
+    params = []
+    for _, host in hosts(model):
+        holder = host.adapters if isinstance(host, AdapterLayer) else host.copies
+        if name in holder:
+            params.extend(holder[name].parameters())
+    return params
+
+
+def _freeze_all_but(model: nn.Module, name: str, config: PeftConfig) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(model, name):
+        p.requires_grad_(True)
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".adapters." not in pname and ".copies." not in pname \
+                    and ".original_module." not in pname:
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, host in hosts(model):
+            if isinstance(host, AdapterLayer) and name in host.adapters and host.bias is not None:
+                host.bias.requires_grad_(True)
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter and restore the original module tree and state_dict keys.
+
+    With ``merge=True`` the active adapters are folded into the base weights first (and the
+    active adapter's ``modules_to_save`` copies replace the originals); otherwise merged
+    layers are unmerged, so the base weights are the original ones again.
+    """
+    state = get_state(model)
+    if merge:
+        ops.merge(model)
+    else:
+        ops.unmerge(model)
+    for path, host in list(hosts(model)):
+        if isinstance(host, AdapterLayer):
+            replace_module(model, path, host.base_layer)
+        else:
+            keep = host.copies[host.use] if (merge and host.use is not None) else host.original_module
+            replace_module(model, path, keep)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(pname, True))
+    drop_state(model)
+    return model

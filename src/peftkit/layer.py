@@ -1,0 +1,173 @@
+"""The host layer: the original module plus a ``ModuleDict`` of named adapter units.
+
+Every weight-side method plugs in here. A unit may adjust the input before the base layer
+runs (``adjust_input``) and transform the result after it, seeing both (``forward(x, out)``).
+The host keeps the tuple of units to run precomputed, so a forward does no per-call lookup
+that grows with the number of adapters loaded.
+
+``SavedModule`` is the other host: a module listed in ``modules_to_save`` (a classifier head)
+is kept as the frozen original plus one trainable copy per adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Iterable
+
+import torch
+import torch.nn as nn
+
+from .errors import ModelError
+
+
+class Unit(nn.Module):
+    """One named adapter inside a host layer. Subclasses override what they need."""
+
+    acts_on_input: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+
+    def adjust_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        return out
+
+    def merge_into(self, base: nn.Module) -> None:
+        raise ModelError(f"{type(self).__name__} cannot be merged into the base layer")
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        raise ModelError(f"{type(self).__name__} cannot be unmerged from the base layer")
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The unit's tensors keyed by their suffix in HF PEFT's file (``lora_A.weight``)."""
+        return {}
+
+
+class AdapterLayer(nn.Module):
+    """Wraps ``base_layer``; runs the active, unmerged units around it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+        self._refresh()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def add(self, name: str, unit: Unit) -> None:
+        self.adapters[name] = unit
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise ModelError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+        self._refresh()
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        run = () if self.disabled else tuple(
+            self.adapters[n] for n in self.active if n not in self.merged
+        )
+        self._pre = tuple(u for u in run if u.acts_on_input)
+        self._post = run
+
+    # -- merging ----------------------------------------------------------------------------
+    def merge(self) -> list[str]:
+        """Fold the active, not yet merged units into the base weights; returns their names."""
+        done = []
+        for name in self.active:
+            if name in self.merged:
+                continue
+            unit = self.adapters[name]
+            if not unit.mergeable:
+                raise ModelError(f"adapter {name!r} ({type(unit).__name__}) cannot be merged")
+            unit.merge_into(self.base_layer)
+            self.merged.append(name)
+            done.append(name)
+        self._refresh()
+        return done
+
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            self.adapters[name].unmerge_from(self.base_layer)
+        self._refresh()
+
+    # -- the hot path -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self._post:
+            return self.base_layer(x, *args, **kwargs)
+        base_x = x
+        for unit in self._pre:
+            base_x = unit.adjust_input(base_x)
+        out = self.base_layer(base_x, *args, **kwargs)
+        for unit in self._post:
+            out = unit(x, out)
+        return out
+
+    # Model code that reads ``layer.weight`` (tied or resized embeddings, dtype checks) sees
+    # the base layer's tensors.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}, disabled={self.disabled}"
+
+
+class SavedModule(nn.Module):
+    """A module trained and saved in full per adapter (``modules_to_save``, e.g. a head).
+
+    ``original_module`` stays frozen and is used when no active adapter has a copy.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.use: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> nn.Module:
+        replica = copy.deepcopy(self.original_module)
+        for p in replica.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = replica
+        return replica
+
+    def remove(self, name: str) -> None:
+        del self.copies[name]
+        if self.use == name:
+            self.use = None
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.use = next((n for n in names if n in self.copies), None)
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.use is None:
+            return self.original_module
+        return self.copies[self.use]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+HOSTS = (AdapterLayer, SavedModule)

@@ -1,0 +1,307 @@
+"""LoRA — "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021).
+
+A frozen weight W gets a trainable low-rank update: ``out = base(x) + s · dropout(x) Aᵀ Bᵀ``
+with A (r, in), B (out, r) and s = lora_alpha / r (or lora_alpha / √r with rsLoRA,
+Kalajdzievski 2023). B starts at zero, so the adapted model equals the base at init.
+
+Several active LoRA adapters on one layer compose by addition: each adds its own term.
+Merging adds ``s · B A`` to W (in the layer's own layout), which is exact up to rounding.
+
+Layer types: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight stored (in, out)),
+``nn.Conv2d`` (A is a conv with the base's kernel/stride/padding, B a 1x1 conv) and
+``nn.Embedding`` (A (r, num_embeddings), B (dim, r), file keys without ``.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import PeftConfig, check_names, check_number, check_positive_int, normalize_names
+from ..errors import ConfigError
+from ..layer import Unit
+from ..registry import Method, register
+from ..targeting import is_conv1d, pattern_value
+
+INIT_CHOICES = (True, False, "gaussian")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA settings; names and meanings as in HF PEFT's ``adapter_config.json``."""
+
+    peft_type: ClassVar[str] = "LORA"
+    unsupported_defaults: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "velora_config": None,
+        "monteclora_config": None,
+        "arrow_config": None,
+        "kasa_config": None,
+        "megatron_config": None,
+        "trainable_token_indices": None,
+        "alora_invocation_tokens": None,
+        "use_qalora": False,
+        "use_bdlora": None,
+        "layer_replication": None,
+        "lora_bias": False,
+        "target_parameters": None,
+        "ensure_weight_tying": False,
+    }
+    ignored_fields: ClassVar[frozenset[str]] = frozenset(
+        {"megatron_core", "qalora_group_size", "runtime_config"}
+    )
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("r", self.r)
+        check_number("lora_alpha", self.lora_alpha)
+        check_number("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        check_names("target_modules", self.target_modules)
+        check_names("exclude_modules", self.exclude_modules)
+        check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        check_names("layers_pattern", self.layers_pattern)
+        self.target_modules = normalize_names(self.target_modules)
+        self.exclude_modules = normalize_names(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, list)
+            and all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform)
+        ):
+            raise ConfigError(
+                f"layers_to_transform: expected a layer index or a list of them, found {self.layers_to_transform!r}"
+            )
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias: expected 'none', 'all' or 'lora_only', found {self.bias!r}")
+        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, int) and not isinstance(
+            self.init_lora_weights, bool
+        ):
+            raise ConfigError(
+                f"init_lora_weights: peftkit supports True, False or 'gaussian', found {self.init_lora_weights!r}"
+            )
+        for name, pattern, check in (
+            ("rank_pattern", self.rank_pattern, check_positive_int),
+            ("alpha_pattern", self.alpha_pattern, check_number),
+        ):
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{name}: expected a mapping of module pattern -> value, found {pattern!r}")
+            for key, value in pattern.items():
+                check(f"{name}[{key!r}]", value)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+
+
+# -- units --------------------------------------------------------------------------------
+
+
+class LoraUnit(Unit):
+    """Shared by every layer type: rank, scaling, dropout, merge through ``delta_weight``."""
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        super().__init__()
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the base weight, in the base layer's own layout."""
+        raise NotImplementedError
+
+    def merge_into(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            base.weight.add_(self.delta_weight().to(base.weight.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            base.weight.sub_(self.delta_weight().to(base.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+    """Initialise A and B for linear-like layers: B = 0 unless ``init`` is False."""
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+
+class LoraLinear(LoraUnit):
+    """For ``nn.Linear`` and transformers' ``Conv1D`` (``transposed``: weight is (in, out))."""
+
+    def __init__(self, in_features: int, out_features: int, transposed: bool, r: int, alpha: float,
+                 dropout: float, rslora: bool, init: bool | str, factory: dict) -> None:
+        super().__init__(r, alpha, dropout, rslora)
+        self.transposed = transposed
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        _init_pair(self.lora_A, self.lora_B, init, r)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x)
+        if h.dtype != self.lora_A.dtype:
+            h = h.to(self.lora_A.dtype)
+        h = h.reshape(-1, h.shape[-1]) @ self.lora_A.t()  # (N, r)
+        out2d = out.reshape(-1, out.shape[-1])  # (N, out)
+        if out2d.dtype == h.dtype:
+            return torch.addmm(out2d, h, self.lora_B.t(), alpha=self.scaling).view(out.shape)
+        return (out2d + (h @ self.lora_B.t() * self.scaling).to(out.dtype)).view(out.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+        return delta.t() if self.transposed else delta
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+
+class LoraConv2d(LoraUnit):
+    """A: conv with the base's kernel, stride, padding, dilation (r channels); B: 1x1 conv."""
+
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float, rslora: bool,
+                 init: bool | str, factory: dict) -> None:
+        super().__init__(r, alpha, dropout, rslora)
+        if base.groups != 1:
+            raise ConfigError("LoRA on a grouped Conv2d (groups > 1) is not supported")
+        self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_channels, *base.kernel_size, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_channels, r, 1, 1, **factory))
+        _init_pair(self.lora_A, self.lora_B, init, r)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x).to(self.lora_A.dtype)
+        h = F.conv2d(h, self.lora_A, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return out + (F.conv2d(h, self.lora_B) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return torch.einsum("or,rikl->oikl", self.lora_B[:, :, 0, 0], self.lora_A) * self.scaling
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+
+class LoraEmbedding(LoraUnit):
+    """A (r, num_embeddings) is looked up like an embedding table, then projected by B (dim, r)."""
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float, rslora: bool,
+                 init: bool | str, factory: dict) -> None:
+        super().__init__(r, alpha, dropout, rslora)
+        self.padding_idx, self.max_norm = base.padding_idx, base.max_norm
+        self.norm_type, self.scale_grad_by_freq, self.sparse = base.norm_type, base.scale_grad_by_freq, base.sparse
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings, **factory))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
+        with torch.no_grad():
+            if init is True:
+                nn.init.zeros_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_embedding_A, std=1.0 / r)
+                nn.init.zeros_(self.lora_embedding_B)
+            else:
+                nn.init.normal_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(x, self.lora_embedding_A.t(), self.padding_idx, self.max_norm,
+                        self.norm_type, self.scale_grad_by_freq, self.sparse)  # (..., r)
+        return out + (h @ self.lora_embedding_B.t() * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling  # (num, dim)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
+
+
+def _adapter_factory(base: nn.Module) -> dict:
+    """Adapters live on the base's device; half-precision bases get float32 adapters."""
+    weight = base.weight
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return {"device": weight.device, "dtype": dtype}
+
+
+def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
+    r = pattern_value(config.rank_pattern, path, config.r)
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    common = dict(r=r, alpha=alpha, dropout=config.lora_dropout, rslora=config.use_rslora,
+                  init=config.init_lora_weights, factory=_adapter_factory(module))
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module.in_features, module.out_features, False, **common)
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return LoraLinear(n_in, n_out, True, **common)
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d(module, **common)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module, **common)
+    raise ConfigError(
+        f"LoRA cannot adapt {path!r} of type {type(module).__name__}; "
+        "supported: Linear, Conv1D, Conv2d, Embedding"
+    )
+
+
+# Defaults when target_modules is None, per transformers model_type (the attention query and
+# value projections, as in the LoRA paper).
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "vit": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "mpnet": ["q", "v"],
+    "t5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+register(Method("LORA", LoraConfig, make_unit, DEFAULT_TARGETS))

@@ -1,0 +1,63 @@
+"""The method registry: peft_type -> how to build that method's units.
+
+Adding a method = a config dataclass, a unit factory, one ``register`` call. The conformance
+suite in ``tests/`` is parametrized over this registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from .config import PeftConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the core needs to know about one method.
+
+    ``make_unit(config, module, path)`` builds the unit that adapts ``module`` (the original
+    layer found at ``path``); it raises ``ConfigError`` for a layer type it cannot adapt.
+    ``default_targets`` maps a transformers ``model_type`` to the module names used when the
+    config's ``target_modules`` is None.
+    """
+
+    peft_type: str
+    config_cls: type[PeftConfig]
+    make_unit: Callable[[PeftConfig, nn.Module, str], nn.Module]
+    default_targets: dict[str, list[str]] = field(default_factory=dict)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.peft_type in _METHODS and _METHODS[method.peft_type] is not method:
+        raise ConfigError(f"method {method.peft_type!r} is registered already")
+    _METHODS[method.peft_type] = method
+    return method
+
+
+def get(peft_type: str) -> Method:
+    key = str(peft_type).upper()
+    if key not in _METHODS:
+        raise ConfigError(f"unknown peft_type {peft_type!r}; known: {', '.join(sorted(_METHODS))}")
+    return _METHODS[key]
+
+
+def method_for(config: PeftConfig) -> Method:
+    return get(config.peft_type)
+
+
+def all_methods() -> list[Method]:
+    return list(_METHODS.values())
+
+
+def config_from_dict(data: dict, source: str = "config") -> PeftConfig:
+    """Dispatch on ``peft_type`` and build that method's config."""
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise ConfigError(f"{source}: missing field 'peft_type'")
+    return get(data["peft_type"]).config_cls.from_dict(data, source=source)
