@@ -151,7 +151,9 @@ def _nothing_matched(model: nn.Module, targets: Any, config: Any) -> str:
     names = [n for n, _ in logical_modules(model) if n]
     leaves = sorted({n.split(".")[-1] for n in names})
     asked = [targets] if isinstance(targets, str) else list(targets)
-    near = sorted({m for a in asked for m in difflib.get_close_matches(a.split(".")[-1], leaves, n=5, cutoff=0.4)})
+    near = list(dict.fromkeys(
+        m for a in asked for m in difflib.get_close_matches(a.split(".")[-1], leaves, n=4, cutoff=0.6)
+    ))
     msg = f"target_modules {targets!r} matched no module of {type(model).__name__}"
     if config.layers_to_transform is not None:
         msg += f" in layers {config.layers_to_transform}"

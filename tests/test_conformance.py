@@ -1,0 +1,144 @@
+"""The conformance suite: every registered method, on tiny BERT, GPT-2, Llama and MiniLM.
+
+A new method joins by adding an entry to ``CASES`` (the registry check below fails until it
+does): a function ``(kind, init) -> config`` where ``init`` is "identity" (the method's own
+init, output equals the base where that applies) or "random" (non-zero, for round trips).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit import registry
+
+from conftest import BUILDERS, model_inputs, output_of
+
+# Small r keeps MiniLM cheap; "random" exercises every tensor in save/load and merge.
+CASES = {
+    "LORA": lambda kind, init: peftkit.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=(init == "identity") or False
+    ),
+}
+IDENTITY_AT_INIT = {"LORA"}
+MERGEABLE = {"LORA"}
+
+
+def test_every_registered_method_has_a_case():
+    assert {m.peft_type for m in registry.all_methods()} <= set(CASES)
+
+
+@pytest.fixture(params=sorted(CASES))
+def method(request):
+    return request.param
+
+
+def _build(kind, method, init):
+    model = BUILDERS[kind]()
+    peftkit.apply(model, CASES[method](kind, init))
+    return model
+
+
+def _batch(kind):
+    inputs = model_inputs(kind, batch=4, length=8)
+    if kind in ("bert", "minilm"):
+        inputs["labels"] = torch.tensor([0, 1, 0, 1])
+    else:
+        inputs["labels"] = inputs["input_ids"].clone()
+    return inputs
+
+
+def test_identity_at_init(kind, method):
+    if method not in IDENTITY_AT_INIT:
+        pytest.skip(f"{method} is not the identity at init")
+    inputs = model_inputs(kind)
+    base = output_of(BUILDERS[kind](), inputs)
+    model = _build(kind, method, "identity")
+    torch.testing.assert_close(output_of(model, inputs), base, rtol=0, atol=1e-6)
+
+
+def test_only_adapter_parameters_train(kind, method):
+    model = _build(kind, method, "identity")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "the adapter has no trainable parameter"
+    assert all(".adapters.default." in n or ".copies.default." in n for n in trainable), trainable
+    summary = peftkit.trainable_summary(model)
+    assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < summary.percent < 10
+
+
+def test_save_load_round_trip_is_exact(kind, method, tmp_path):
+    inputs = model_inputs(kind)
+    model = _build(kind, method, "random")
+    expected = output_of(model, inputs)
+    peftkit.save(model, tmp_path)
+    fresh = BUILDERS[kind]()
+    peftkit.load(fresh, tmp_path)
+    assert torch.equal(output_of(fresh, inputs), expected)
+    assert not any(p.requires_grad for p in fresh.parameters())
+    again = tmp_path / "again"
+    peftkit.save(fresh, again)
+    assert (again / "adapter_model.safetensors").read_bytes() == (tmp_path / "adapter_model.safetensors").read_bytes()
+
+
+def test_merge_equals_unmerged(kind, method):
+    if method not in MERGEABLE:
+        pytest.skip(f"{method} is not mergeable")
+    inputs = model_inputs(kind)
+    model = _build(kind, method, "random")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = output_of(model, inputs)
+    peftkit.merge(model)
+    torch.testing.assert_close(output_of(model, inputs), expected, rtol=0, atol=1e-5)
+    peftkit.unmerge(model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+
+
+def test_unload_restores_module_tree_and_keys(kind, method):
+    inputs = model_inputs(kind)
+    reference = BUILDERS[kind]()
+    keys = list(reference.state_dict())
+    grads = {n: p.requires_grad for n, p in reference.named_parameters()}
+    model = _build(kind, method, "random")
+    peftkit.unload(model)
+    assert list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert torch.equal(output_of(model, inputs), output_of(reference, inputs))
+
+
+def test_unload_with_merge_keeps_the_adapted_function(kind, method):
+    if method not in MERGEABLE:
+        pytest.skip(f"{method} is not mergeable")
+    inputs = model_inputs(kind)
+    model = _build(kind, method, "random")
+    expected = output_of(model, inputs)
+    keys = list(BUILDERS[kind]().state_dict())
+    peftkit.unload(model, merge=True)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(output_of(model, inputs), expected, rtol=0, atol=1e-5)
+
+
+def test_training_lowers_the_loss(kind, method):
+    torch.manual_seed(0)
+    model = _build(kind, method, "identity")
+    batch = _batch(kind)
+
+    def eval_loss():
+        with torch.no_grad():
+            return model.eval()(**batch).loss.item()
+
+    before = eval_loss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(15):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = eval_loss()
+    assert after < before - 0.03, (before, after)
+    assert not [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
