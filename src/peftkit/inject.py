@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch.nn as nn
 
 from . import adapters as ops
@@ -53,7 +55,7 @@ def apply(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Mod
         raise ConfigError(f"an adapter named {name!r} exists already; delete it or choose another name")
     if any(h.merged for _, h in hosts(model) if isinstance(h, AdapterLayer)):
         raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before adding one")
-    config = _with_task_defaults(model, config)
+    config = _with_task_defaults(model, copy.deepcopy(config))  # the caller's config stays as given
     try:
         targets = find_targets(model, config, method.default_targets)
         _check_saved_modules(model, config)

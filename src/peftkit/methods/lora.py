@@ -131,7 +131,10 @@ class LoraUnit(Unit):
         super().__init__()
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # None: no call, no copy
+
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dropout is None else self.dropout(x)
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the base weight, in the base layer's own layout."""
@@ -174,7 +177,7 @@ class LoraLinear(LoraUnit):
         _init_pair(self.lora_A, self.lora_B, init, r)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x)
+        h = self.dropped(x)
         if h.dtype != self.lora_A.dtype:
             h = h.to(self.lora_A.dtype)
         h = h.reshape(-1, h.shape[-1]) @ self.lora_A.t()  # (N, r)
@@ -205,7 +208,7 @@ class LoraConv2d(LoraUnit):
         _init_pair(self.lora_A, self.lora_B, init, r)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x).to(self.lora_A.dtype)
+        h = self.dropped(x).to(self.lora_A.dtype)
         h = F.conv2d(h, self.lora_A, stride=self.stride, padding=self.padding, dilation=self.dilation)
         return out + (F.conv2d(h, self.lora_B) * self.scaling).to(out.dtype)
 
