@@ -21,7 +21,8 @@ from .layer import AdapterLayer
 from .state import check_name, drop_state, get_state, hosts, replace_module
 
 
-def _is_merged(model: nn.Module) -> bool:
+def is_merged(model: nn.Module) -> bool:
+    """Whether any layer has an adapter folded into its base weights."""
     return any(isinstance(h, AdapterLayer) and h.merged for _, h in hosts(model))
 
 
@@ -33,7 +34,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         check_name(state, name)
     if len(set(names)) != len(names):
         raise ModelError(f"adapter names repeat in {names}")
-    if _is_merged(model):
+    if is_merged(model):
         raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before switching")
     for _, host in hosts(model):
         host.set_active(names)
@@ -48,7 +49,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged meanwhile)."""
     get_state(model)
-    was_merged = _is_merged(model)
+    was_merged = is_merged(model)
     if was_merged:
         unmerge(model)
     all_hosts = [h for _, h in hosts(model)]
@@ -98,12 +99,11 @@ def delete(model: nn.Module, name: str) -> None:
             if name in host.merged:
                 raise ModelError(f"adapter {name!r} is merged; call peftkit.unmerge(model) first")
     for path, host in list(hosts(model)):
-        holder = host.adapters if isinstance(host, AdapterLayer) else host.copies
-        if name not in holder:
+        if name not in host.names():
             continue
         host.remove(name)
-        if not len(holder):
-            replace_module(model, path, host.base_layer if isinstance(host, AdapterLayer) else host.original_module)
+        if not host.names():
+            replace_module(model, path, host.restore(merge=False))
     del state.configs[name]
     state.targets.pop(name, None)
     state.active = [n for n in state.active if n != name]

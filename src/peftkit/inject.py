@@ -53,18 +53,23 @@ def apply(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Mod
     state = get_state(model, create=True)
     if name in state.configs:
         raise ConfigError(f"an adapter named {name!r} exists already; delete it or choose another name")
-    if any(h.merged for _, h in hosts(model) if isinstance(h, AdapterLayer)):
+    if ops.is_merged(model):
         raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before adding one")
     config = _with_task_defaults(model, copy.deepcopy(config))  # the caller's config stays as given
     try:
-        targets = find_targets(model, config, method.default_targets)
         _check_saved_modules(model, config)
+        if method.make_unit is not None:
+            targets = find_targets(model, config, method.default_targets)
+            # Build every unit before touching the model, so a refused layer changes nothing.
+            units = [method.make_unit(config, getattr(m, "base_layer", m), path) for path, m in targets]
+        else:
+            targets, units = [], []
+            method.attach(model, config, name)
     except ConfigError:
         if not state.configs:
             drop_state(model)
         raise
-    units = [(path, method.make_unit(config, getattr(m, "base_layer", m), path)) for path, m in targets]
-    for (path, module), (_, unit) in zip(targets, units):
+    for (path, module), unit in zip(targets, units):
         host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
         host.add(name, unit)
         if host is not module:
@@ -115,9 +120,9 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """Parameters owned by adapter ``name``: its units and its ``modules_to_save`` copies."""
     params = []
     for _, host in hosts(model):
-        holder = host.adapters if isinstance(host, AdapterLayer) else host.copies
-        if name in holder:
-            params.extend(holder[name].parameters())
+        owned = host.owned(name)
+        if owned is not None:
+            params.extend(owned.parameters())
     return params
 
 
@@ -151,11 +156,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     else:
         ops.unmerge(model)
     for path, host in list(hosts(model)):
-        if isinstance(host, AdapterLayer):
-            replace_module(model, path, host.base_layer)
-        else:
-            keep = host.copies[host.use] if (merge and host.use is not None) else host.original_module
-            replace_module(model, path, keep)
+        replace_module(model, path, host.restore(merge))
     for pname, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(pname, True))
     drop_state(model)

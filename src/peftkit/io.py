@@ -27,14 +27,14 @@ from . import adapters as ops
 from .config import CONFIG_NAME
 from .errors import AdapterFileError, ConfigError
 from .inject import adapter_parameters, apply
-from .layer import AdapterLayer, SavedModule
+from .layer import FILE_PREFIX as PREFIX
+from .layer import AdapterLayer, Host
 from .registry import config_from_dict
 from .state import check_name, get_state, hosts
 from .targeting import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -58,19 +58,15 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     config = get_state(model).configs[name]
     out: dict[str, torch.Tensor] = {}
     for path, host in hosts(model):
-        if isinstance(host, AdapterLayer) and name in host.adapters:
-            for suffix, tensor in host.adapters[name].file_tensors().items():
-                out[f"{PREFIX}{path}.{suffix}"] = tensor
-        elif isinstance(host, SavedModule) and name in host.copies:
-            for pname, tensor in host.copies[name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.{pname}"] = tensor
+        if name in host.names():
+            out.update(host.file_tensors(name, path))
     bias = getattr(config, "bias", "none")
     if bias != "none":
         for path, module in logical_modules(model):
             if isinstance(module, AdapterLayer):
                 if (bias == "all" or name in module.adapters) and module.bias is not None:
                     out[f"{PREFIX}{path}.base_layer.bias"] = module.bias
-            elif bias == "all" and not isinstance(module, SavedModule):
+            elif bias == "all" and not isinstance(module, Host):
                 b = module._parameters.get("bias")
                 if b is not None:
                     out[f"{PREFIX}{path}.bias" if path else f"{PREFIX}bias"] = b
@@ -85,7 +81,7 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
     os.makedirs(directory, exist_ok=True)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
     data = config.to_dict()
-    if "target_modules" in data:
+    if state.targets.get(name):
         data["target_modules"] = sorted(state.targets[name])  # exactly what was adapted
     data["inference_mode"] = True
     write_atomic(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))

@@ -19,6 +19,9 @@ import torch.nn as nn
 
 from .errors import ModelError
 
+# Prefix of every per-module key in HF PEFT's adapter file.
+FILE_PREFIX = "base_model.model."
+
 
 class Unit(nn.Module):
     """One named adapter inside a host layer. Subclasses override what they need."""
@@ -43,7 +46,39 @@ class Unit(nn.Module):
         return {}
 
 
-class AdapterLayer(nn.Module):
+class Host(nn.Module):
+    """What the core needs from anything that holds adapters inside a model.
+
+    ``apply`` creates hosts; ``set_active``, ``disabled``, ``delete``, ``unload`` and the file
+    I/O talk to them only through these methods.
+    """
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def remove(self, name: str) -> None:
+        raise NotImplementedError
+
+    def set_active(self, names: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def set_disabled(self, disabled: bool) -> None:
+        raise NotImplementedError
+
+    def owned(self, name: str) -> nn.Module | None:
+        """The module that holds adapter ``name``'s parameters here, if any."""
+        raise NotImplementedError
+
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s live tensors keyed as in HF PEFT's file; ``path`` is where the host sits."""
+        raise NotImplementedError
+
+    def restore(self, merge: bool) -> nn.Module | None:
+        """What goes back at the host's place when it is removed (None: nothing, delete it)."""
+        raise NotImplementedError
+
+
+class AdapterLayer(Host):
     """Wraps ``base_layer``; runs the active, unmerged units around it."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -59,6 +94,19 @@ class AdapterLayer(nn.Module):
     def add(self, name: str, unit: Unit) -> None:
         self.adapters[name] = unit
         self._refresh()
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def owned(self, name: str) -> nn.Module | None:
+        return self.adapters[name] if name in self.adapters else None
+
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        unit = self.adapters[name]
+        return {f"{FILE_PREFIX}{path}.{suffix}": t for suffix, t in unit.file_tensors().items()}
+
+    def restore(self, merge: bool) -> nn.Module:
+        return self.base_layer
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -130,7 +178,7 @@ class AdapterLayer(nn.Module):
         return f"active={list(self.active)}, merged={self.merged}, disabled={self.disabled}"
 
 
-class SavedModule(nn.Module):
+class SavedModule(Host):
     """A module trained and saved in full per adapter (``modules_to_save``, e.g. a head).
 
     ``original_module`` stays frozen and is used when no active adapter has a copy.
@@ -155,6 +203,19 @@ class SavedModule(nn.Module):
         if self.use == name:
             self.use = None
 
+    def names(self) -> list[str]:
+        return list(self.copies)
+
+    def owned(self, name: str) -> nn.Module | None:
+        return self.copies[name] if name in self.copies else None
+
+    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        return {f"{FILE_PREFIX}{path}.{k}": t for k, t in self.copies[name].state_dict(keep_vars=True).items()}
+
+    def restore(self, merge: bool) -> nn.Module:
+        """With ``merge`` the active adapter's trained copy replaces the original."""
+        return self.copies[self.use] if merge and self.use is not None else self.original_module
+
     def set_active(self, names: Iterable[str]) -> None:
         self.use = next((n for n in names if n in self.copies), None)
 
@@ -170,4 +231,4 @@ class SavedModule(nn.Module):
         return self.current()(*args, **kwargs)
 
 
-HOSTS = (AdapterLayer, SavedModule)
+HOSTS = (Host,)

@@ -19,16 +19,25 @@ from .errors import ConfigError
 class Method:
     """What the core needs to know about one method.
 
-    ``make_unit(config, module, path)`` builds the unit that adapts ``module`` (the original
-    layer found at ``path``); it raises ``ConfigError`` for a layer type it cannot adapt.
-    ``default_targets`` maps a transformers ``model_type`` to the module names used when the
-    config's ``target_modules`` is None.
+    A weight-side method gives ``make_unit(config, module, path)``, which builds the unit that
+    adapts ``module`` (the original layer found at ``path``) and raises ``ConfigError`` for a
+    layer type it cannot adapt; ``default_targets`` maps a transformers ``model_type`` to the
+    module names used when the config's ``target_modules`` is None.
+
+    A method that adds something to the model rather than wrapping matched layers (the input
+    methods) gives ``attach(model, config, name)`` instead, which installs or extends its own
+    ``layer.Host`` in the model and raises ``ConfigError`` before changing anything it cannot do.
     """
 
     peft_type: str
     config_cls: type[PeftConfig]
-    make_unit: Callable[[PeftConfig, nn.Module, str], nn.Module]
+    make_unit: Callable[[PeftConfig, nn.Module, str], nn.Module] | None = None
     default_targets: dict[str, list[str]] = field(default_factory=dict)
+    attach: Callable[[nn.Module, PeftConfig, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.make_unit is None) == (self.attach is None):
+            raise ConfigError(f"method {self.peft_type!r}: give exactly one of make_unit and attach")
 
 
 _METHODS: dict[str, Method] = {}

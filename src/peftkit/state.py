@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import PeftConfig
 from .errors import ModelError
-from .layer import HOSTS, AdapterLayer, SavedModule
+from .layer import Host
 from .targeting import logical_modules
 
 ATTR = "_peftkit"
@@ -54,13 +54,17 @@ def check_name(state: PeftState, name: str) -> PeftConfig:
     return state.configs[name]
 
 
-def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterLayer | SavedModule]]:
+def hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
     for name, module in logical_modules(model):
-        if isinstance(module, HOSTS):
+        if isinstance(module, Host):
             yield name, module
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module | None) -> None:
+    """Put ``new`` at ``name``; ``None`` deletes the attribute (a host the model never had)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    if new is None:
+        delattr(parent, child)
+    else:
+        setattr(parent, child, new)

@@ -307,4 +307,4 @@ DEFAULT_TARGETS = {
     "opt": ["q_proj", "v_proj"],
 }
 
-register(Method("LORA", LoraConfig, make_unit, DEFAULT_TARGETS))
+register(Method("LORA", LoraConfig, make_unit=make_unit, default_targets=DEFAULT_TARGETS))
