@@ -21,9 +21,12 @@ CASES = {
     "LORA": lambda kind, init: peftkit.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=(init == "identity") or False
     ),
+    "IA3": lambda kind, init: peftkit.IA3Config(init_ia3_weights=(init == "identity")),
 }
-IDENTITY_AT_INIT = {"LORA"}
-MERGEABLE = {"LORA"}
+# (IA)³ has few parameters, each a multiplicative scale: it needs a larger step to move.
+LEARNING_RATE = {"IA3": 5e-2}
+IDENTITY_AT_INIT = {"LORA", "IA3"}
+MERGEABLE = {"LORA", "IA3"}
 
 
 def test_every_registered_method_has_a_case():
@@ -133,7 +136,7 @@ def test_training_lowers_the_loss(kind, method):
 
     before = eval_loss()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE.get(method, 1e-2))
     model.train()
     for _ in range(15):
         loss = model(**batch).loss

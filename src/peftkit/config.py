@@ -76,6 +76,14 @@ class PeftConfig:
             data.setdefault(name, default)
         return data
 
+    def file_dict(self, adapted: list[str]) -> dict[str, Any]:
+        """``to_dict`` as written to a file: module selectors become the exact names adapted,
+        so any reader (HF PEFT included) adapts the same modules, whatever its rules."""
+        data = self.to_dict()
+        if adapted and "target_modules" in data:
+            data["target_modules"] = sorted(adapted)
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PeftConfig":
         """Build a config from a dict (HF PEFT's or peftkit's); ``source`` names it in errors."""

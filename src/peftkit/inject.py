@@ -56,6 +56,8 @@ def apply(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Mod
     if ops.is_merged(model):
         raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before adding one")
     config = _with_task_defaults(model, copy.deepcopy(config))  # the caller's config stays as given
+    if method.prepare is not None:
+        config = method.prepare(model, config)
     try:
         _check_saved_modules(model, config)
         if method.make_unit is not None:

@@ -80,9 +80,7 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
-    data = config.to_dict()
-    if state.targets.get(name):
-        data["target_modules"] = sorted(state.targets[name])  # exactly what was adapted
+    data = config.file_dict(state.targets.get(name, []))
     data["inference_mode"] = True
     write_atomic(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))
     write_atomic(os.path.join(directory, CONFIG_NAME), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

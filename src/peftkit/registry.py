@@ -34,6 +34,8 @@ class Method:
     make_unit: Callable[[PeftConfig, nn.Module, str], nn.Module] | None = None
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     attach: Callable[[nn.Module, PeftConfig, str], None] | None = None
+    # Optional: fill model-dependent defaults into the (already copied) config before targeting.
+    prepare: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
 
     def __post_init__(self) -> None:
         if (self.make_unit is None) == (self.attach is None):

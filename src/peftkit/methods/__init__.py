@@ -1,3 +1,4 @@
 """Each module registers one method with ``peftkit.registry`` when imported."""
 
+from . import ia3  # noqa: F401
 from . import lora  # noqa: F401
