@@ -1,7 +1,7 @@
 """The conformance suite: every registered method, on tiny BERT, GPT-2, Llama and MiniLM.
 
-A new method joins by adding an entry to ``CASES`` (the registry check below fails until it
-does): a function ``(kind, init) -> config`` where ``init`` is "identity" (the method's own
+A new method joins by adding an entry to ``CASES`` keyed by its ``peft_type`` (the registry
+check below fails until it does; variants such as DoRA add keys of their own): a function ``(kind, init) -> config`` where ``init`` is "identity" (the method's own
 init, output equals the base where that applies) or "random" (non-zero, for round trips).
 """
 
@@ -21,12 +21,15 @@ CASES = {
     "LORA": lambda kind, init: peftkit.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=(init == "identity") or False
     ),
+    "DORA": lambda kind, init: peftkit.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, init_lora_weights=(init == "identity") or False
+    ),
     "IA3": lambda kind, init: peftkit.IA3Config(init_ia3_weights=(init == "identity")),
 }
 # (IA)³ has few parameters, each a multiplicative scale: it needs a larger step to move.
 LEARNING_RATE = {"IA3": 5e-2}
-IDENTITY_AT_INIT = {"LORA", "IA3"}
-MERGEABLE = {"LORA", "IA3"}
+IDENTITY_AT_INIT = {"LORA", "DORA", "IA3"}
+MERGEABLE = {"LORA", "DORA", "IA3"}
 
 
 def test_every_registered_method_has_a_case():

@@ -7,6 +7,8 @@ Kalajdzievski 2023). B starts at zero, so the adapted model equals the base at i
 Several active LoRA adapters on one layer compose by addition: each adds its own term.
 Merging adds ``s · B A`` to W (in the layer's own layout), which is exact up to rounding.
 
+With ``use_dora=True`` the unit is DoRA's (``methods/dora.py``).
+
 Layer types: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight stored (in, out)),
 ``nn.Conv2d`` (A is a conv with the base's kernel/stride/padding, B a 1x1 conv) and
 ``nn.Embedding`` (A (r, num_embeddings), B (dim, r), file keys without ``.weight``).
@@ -37,7 +39,6 @@ class LoraConfig(PeftConfig):
 
     peft_type: ClassVar[str] = "LORA"
     unsupported_defaults: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
         "loftq_config": {},
         "eva_config": None,
         "corda_config": None,
@@ -74,6 +75,7 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False
     init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -264,6 +266,12 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
     common = dict(r=r, alpha=alpha, dropout=config.lora_dropout, rslora=config.use_rslora,
                   init=config.init_lora_weights, factory=_adapter_factory(module))
+    if config.use_dora:
+        from .dora import DoraLinear
+
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise ConfigError(f"DoRA cannot adapt {path!r} of type {type(module).__name__}; supported: Linear, Conv1D")
+        return DoraLinear(module, is_conv1d(module), **common)
     if isinstance(module, nn.Linear):
         return LoraLinear(module.in_features, module.out_features, False, **common)
     if is_conv1d(module):

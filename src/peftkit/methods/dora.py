@@ -1,0 +1,75 @@
+"""DoRA — "DoRA: Weight-Decomposed Low-Rank Adaptation" (Liu et al., 2024).
+
+The adapted weight is split into a magnitude and a direction: W' = m · (W + s·BA) / ‖W + s·BA‖,
+with the norm taken per output feature (over the input dimension) and m a trainable vector
+that starts at ‖W‖ (so the model equals the base at init, B being zero). As in the paper
+(section 4.3) and HF PEFT, the norm is treated as a constant in the backward pass.
+
+Forward, without materialising W': ``out + (m/‖·‖ − 1)·(W x) + (m/‖·‖)·s·B A x`` where ``out`` is
+the base layer's output (W x plus bias). With dropout, W x is recomputed on the dropped input,
+as HF PEFT does. Enabled by ``LoraConfig(use_dora=True)``; file key ``lora_magnitude_vector``
+(shape (out_features,)) beside ``lora_A``/``lora_B``. Linear and Conv1D layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import LoraLinear
+
+
+class DoraLinear(LoraLinear):
+    def __init__(self, base: nn.Module, transposed: bool, **lora) -> None:
+        n_in, n_out = (base.weight.shape if transposed else base.weight.shape[::-1])
+        super().__init__(n_in, n_out, transposed, **lora)
+        self.__dict__["_base"] = base  # a reference, not a submodule: no duplicate in state_dict
+        self._merged_delta: torch.Tensor | None = None
+        with torch.no_grad():
+            norm = self._norm(self._base_weight())
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
+
+    def _base_weight(self) -> torch.Tensor:
+        """The frozen base weight as (out, in), in the adapter's dtype."""
+        w = self._base.weight
+        return (w.t() if self.transposed else w).to(self.lora_A.dtype)
+
+    def _norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s·BA‖ per output feature, detached."""
+        return (weight + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        weight = self._base_weight()
+        scale = self.lora_magnitude_vector / self._norm(weight)  # (out,)
+        h = self.dropped(x)
+        if h.dtype != self.lora_A.dtype:
+            h = h.to(self.lora_A.dtype)
+        lora = (h @ self.lora_A.t()) @ self.lora_B.t()  # (..., out)
+        if self.dropout is None:
+            bias = self._base.bias
+            base_out = out.to(lora.dtype) - (bias.to(lora.dtype) if bias is not None else 0)
+        else:
+            base_out = F.linear(h, weight)
+        return out + ((scale - 1) * base_out + scale * lora * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        weight = self._base_weight()
+        norm = self._norm(weight)
+        merged = (self.lora_magnitude_vector / norm).view(-1, 1) * (weight + self.scaling * (self.lora_B @ self.lora_A))
+        delta = merged - weight
+        return delta.t() if self.transposed else delta
+
+    def merge_into(self, base: nn.Module) -> None:
+        # Keep the exact update we add, so unmerge subtracts the same tensor.
+        self._merged_delta = self.delta_weight().detach()
+        with torch.no_grad():
+            base.weight.add_(self._merged_delta.to(base.weight.dtype))
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            base.weight.sub_(self._merged_delta.to(base.weight.dtype))
+        self._merged_delta = None
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
