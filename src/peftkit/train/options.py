@@ -1,0 +1,179 @@
+"""The settings of a training run: defaults, a YAML file, command-line flags, in that order.
+
+A field's name is its long flag's name with ``-`` written ``_`` (``--batch-size`` ->
+``batch_size``); a YAML file may spell keys either way. Values from YAML are checked and
+converted here (``lr: 1e-3`` is a string to YAML 1.1, and is accepted as a number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .. import ConfigError
+
+METHODS = ("lora",)
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class TrainOptions:
+    model: str = "minilm"
+    data: str | None = None  # None: the bundled demo set
+    eval_data: str | None = None
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str | list[str] | None = None  # None: the method's default for the model type
+    epochs: int = 4
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 64
+    seed: int = 0
+    out: str | None = None  # None: runs/<method>-<YYYYmmdd>-<HHMMSS>
+    device: str | None = None  # None: cuda when available, else cpu
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, sources: dict[str, str] | None = None) -> None:
+        """Check every value; ``sources`` maps a field to the file its value came from."""
+        def fail(name: str, expected: str, value: Any) -> None:
+            source = (sources or {}).get(name)
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}--{name.replace('_', '-')}: expected {expected}, found {value!r}")
+
+        for name in ("r", "epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                fail(name, "a positive integer", getattr(self, name))
+        if self.max_steps is not None and self.max_steps < 1:
+            fail("max_steps", "a positive integer", self.max_steps)
+        if self.seed < 0:
+            fail("seed", "a non-negative integer", self.seed)
+        if not self.lr > 0:
+            fail("lr", "a positive number", self.lr)
+        if not self.alpha > 0:
+            fail("alpha", "a positive number", self.alpha)
+        for name in ("dropout", "warmup_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, "a number in [0, 1)", getattr(self, name))
+        if self.weight_decay < 0:
+            fail("weight_decay", "a non-negative number", self.weight_decay)
+        if self.method not in METHODS:
+            fail("method", f"one of {', '.join(METHODS)}", self.method)
+        if self.device is not None and self.device not in DEVICES:
+            fail("device", f"one of {', '.join(DEVICES)}", self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+_INT_FIELDS = {"r", "epochs", "max_steps", "batch_size", "max_length", "seed"}
+_FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay"}
+_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device"}
+
+
+def key_to_field(key: str) -> str | None:
+    name = str(key).strip().replace("-", "_")
+    return name if name in FIELDS else None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Field values from a YAML file (a mapping of long flag names); checked and converted."""
+    import yaml
+
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise ConfigError(f"{name}: config file not found")
+    try:
+        with open(name, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{name}{where}: invalid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping of option names to values, found {type(data).__name__}")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        field = key_to_field(key)
+        if field is None:
+            known = ", ".join(n.replace("_", "-") for n in FIELDS)
+            raise ConfigError(f"{name}: unknown key {key!r} (known keys: {known})")
+        if field in values:
+            raise ConfigError(f"{name}: key {key!r} is given twice (as '-' and '_' spellings)")
+        values[field] = _convert(name, key, field, value)
+    return values
+
+
+def _convert(source: str, key: str, field: str, value: Any) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key {key!r}: expected {expected}, found {value!r}")
+
+    if value is None:
+        if FIELDS[field].default is None:
+            return None
+        raise bad("a value")
+    if field in _INT_FIELDS:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        raise bad("an integer")
+    if field in _FLOAT_FIELDS:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if field == "quiet":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if field == "targets":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+        raise bad("a comma-separated string, a regex, 'all-linear' or a list of module names")
+    if field in _STR_FIELDS:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    raise bad("a value")  # pragma: no cover - every field is handled above
+
+
+def build_options(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "") -> TrainOptions:
+    """Defaults, overridden by the file's values, overridden by flags given on the command line."""
+    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    options = TrainOptions.__new__(TrainOptions)
+    for name, f in FIELDS.items():
+        setattr(options, name, merged.get(name, f.default))
+    from_file = {k: source for k in file_values if cli_values.get(k) is None} if source else {}
+    options.validate(from_file)
+    return options

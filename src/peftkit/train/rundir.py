@@ -1,0 +1,129 @@
+"""The layout of a run directory and of the adapter directory inside it.
+
+    <out>/
+      adapter/                  peftkit.save (HF PEFT format) plus two peftkit files:
+        adapter_config.json
+        adapter_model.safetensors
+        labels.json             {"id2label": {"0": name, ...}, "label2id": {name: 0, ...}}
+        train_args.json         the run's options and what eval needs (model, max_length, ...)
+      metrics.jsonl
+      summary.json
+      loss.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import AdapterFileError
+
+ADAPTER_DIR = "adapter"
+LABELS_FILE = "labels.json"
+ARGS_FILE = "train_args.json"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def default_out(method: str) -> str:
+    return os.path.join("runs", f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def find_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself when it holds ``adapter_config.json``, else ``path/adapter`` (a run dir)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
+        return path / ADAPTER_DIR
+    if not path.exists():
+        raise AdapterFileError(f"{path}: not found")
+    raise AdapterFileError(f"{path}: no {CONFIG_FILE} here nor in {path / ADAPTER_DIR} "
+                           "(expected an adapter directory or a peftkit run directory)")
+
+
+def read_train_args(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """``train_args.json`` of an adapter, or ``{}`` when it has none (an adapter from elsewhere)."""
+    path = Path(adapter_dir) / ARGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object")
+    return data
+
+
+def adapter_facts(adapter_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """What ``peftkit info`` prints: (label, value) pairs read from the files alone."""
+    from safetensors import safe_open
+
+    from .. import read_config
+    from .data import LabelMap
+
+    adapter_dir = Path(adapter_dir)
+    config = read_config(adapter_dir)
+    data = config.to_dict()
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterFileError(f"{adapter_dir}: no {WEIGHTS_FILE}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+        raise AdapterFileError(f"{weights}: unreadable safetensors file: {exc}") from None
+    count = sum(_numel(s) for s in shapes.values())
+    facts = [("adapter", str(adapter_dir)), ("method", f"{config.peft_type}"),
+             ("task type", str(config.task_type))]
+    if config.base_model_name_or_path:
+        facts.append(("base model", config.base_model_name_or_path))
+    targets = data.get("target_modules")
+    if isinstance(targets, list):
+        leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        facts.append(("targets", f"{', '.join(leaves)} ({len(targets)} modules)"))
+    elif targets is not None:
+        facts.append(("targets", str(targets)))
+    for field, label in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if field in data:
+            facts.append((label, f"{data[field]:g}"))
+    if data.get("modules_to_save"):
+        facts.append(("modules to save", ", ".join(data["modules_to_save"])))
+    facts.append(("parameters", f"{count:,} in {len(shapes)} tensors"))
+    size = weights.stat().st_size
+    facts.append(("file size", f"{_human(size)} ({size:,} bytes, {WEIGHTS_FILE})"))
+    if (adapter_dir / LABELS_FILE).is_file():
+        facts.append(("labels", ", ".join(LabelMap.read(adapter_dir / LABELS_FILE).names)))
+    args = read_train_args(adapter_dir)
+    if args.get("max_length"):
+        facts.append(("max length", str(args["max_length"])))
+    summary = adapter_dir.parent / "summary.json"
+    if adapter_dir.name == ADAPTER_DIR and summary.is_file():
+        try:
+            with open(summary, encoding="utf-8") as f:
+                s = json.load(f)
+            facts.append(("eval accuracy", f"{s['eval']['accuracy']:.4f} on {s['eval']['n']} examples "
+                                           f"(before training {s['accuracy_before']:.4f})"))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a summary from an interrupted or older run: nothing to add
+    return facts
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _human(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)  # pragma: no cover
