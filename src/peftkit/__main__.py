@@ -1,0 +1,5 @@
+"""``python -m peftkit`` runs the ``peftkit`` command."""
+
+from .cli import main
+
+main()
