@@ -17,12 +17,13 @@ import click
 class Progress:
     """Counts steps of one job; shows a bar, prints periodic lines, or stays silent."""
 
-    def __init__(self, total: int, desc: str, mode: str, echo, lines: bool = True) -> None:
+    def __init__(self, total: int, desc: str, mode: str, echo, lines: bool = True, on_close=None) -> None:
         self.total, self.desc, self.mode, self.echo = total, desc, mode, echo
         self.done = 0
         self.started = time.monotonic()
         self.every = max(1, total // 10)
         self.lines = lines
+        self.on_close = on_close
         self.bar = None
         if mode == "bar":
             from tqdm.auto import tqdm
@@ -45,6 +46,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            if self.on_close is not None:
+                self.on_close(self)
 
     def __enter__(self) -> "Progress":
         return self
@@ -65,14 +68,23 @@ class Console:
     def __init__(self, quiet: bool = False, to_stderr: bool = False) -> None:
         self.quiet = quiet
         self.to_stderr = to_stderr
+        self._bars: list[Progress] = []
+
+    def _echo(self, msg: str) -> None:
+        if self._bars:  # print above the bars instead of through them
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr if self.to_stderr else sys.stdout)
+        else:
+            click.echo(msg, err=self.to_stderr)
 
     def essential(self, msg: str) -> None:
         """A line shown even with ``--quiet`` (where output goes, the headline numbers)."""
-        click.echo(msg, err=self.to_stderr)
+        self._echo(msg)
 
     def info(self, msg: str) -> None:
         if not self.quiet:
-            click.echo(msg, err=self.to_stderr)
+            self._echo(msg)
 
     def mode(self) -> str:
         if self.quiet:
@@ -80,7 +92,10 @@ class Console:
         return "bar" if _isatty(sys.stdout) and _isatty(sys.stderr) else "lines"
 
     def progress(self, total: int, desc: str, lines: bool = True) -> Progress:
-        return Progress(total, desc, self.mode(), self.info, lines=lines)
+        bar = Progress(total, desc, self.mode(), self.info, lines=lines, on_close=self._bars.remove)
+        if bar.bar is not None:
+            self._bars.append(bar)
+        return bar
 
 
 def _isatty(stream) -> bool:
