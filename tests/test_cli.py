@@ -194,6 +194,17 @@ def test_yaml_config_and_flags_override_it(workdir, tiny_model, data_files):
     assert summary["steps"] == 2 and summary["options"]["lr"] == 1e-3
 
 
+def test_dora_method(workdir, tiny_model, data_files):
+    out = workdir / "dora"
+    result = invoke("train", "--method", "dora", "--model", tiny_model, "--data", data_files[0],
+                    "--max-steps", 2, "--batch-size", 4, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is True
+    assert "LORA (DoRA)" in invoke("info", out).stdout
+    assert json.loads((out / "summary.json").read_text())["method"] == "dora"
+
+
 def test_unknown_yaml_key_is_an_error_naming_key_and_file(workdir):
     cfg = workdir / "bad.yaml"
     cfg.write_text("r: 4\nlearning_rate: 0.1\n")

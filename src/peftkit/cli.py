@@ -21,7 +21,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import PeftkitError
-from .train.options import FIELDS
+from .train.options import FIELDS, METHODS
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -87,7 +87,8 @@ def _help(text: str, field: str) -> str:
               "and label.  [default: the bundled demo set]")
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of each label's rows held out (chosen with --seed)]")
-@click.option("--method", type=click.Choice(["lora"]), help=_help("Adapter method.", "method"))
+@click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
+              "magnitude vector).", "method"))
 @click.option("--r", type=int, help=_help("LoRA rank.", "r"))
 @click.option("--alpha", type=float, help=_help("LoRA alpha (scaling = alpha / r).", "alpha"))
 @click.option("--dropout", type=float, help=_help("Dropout on the LoRA input.", "dropout"))

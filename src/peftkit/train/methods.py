@@ -33,12 +33,16 @@ def parse_targets(value: str | list[str] | None) -> str | list[str] | None:
     return names
 
 
-def _lora(options: TrainOptions) -> PeftConfig:
+def _lora(options: TrainOptions, use_dora: bool = False) -> PeftConfig:
     return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      target_modules=parse_targets(options.targets))
+                      target_modules=parse_targets(options.targets), use_dora=use_dora)
 
 
-BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {"lora": _lora}
+def _dora(options: TrainOptions) -> PeftConfig:
+    return _lora(options, use_dora=True)
+
+
+BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {"lora": _lora, "dora": _dora}
 
 
 def build_config(options: TrainOptions) -> PeftConfig:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import ConfigError
 
-METHODS = ("lora",)
+METHODS = ("lora", "dora")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
 DEVICES = ("cpu", "cuda")
 
 

@@ -79,7 +79,8 @@ def adapter_facts(adapter_dir: str | os.PathLike) -> list[tuple[str, str]]:
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
         raise AdapterFileError(f"{weights}: unreadable safetensors file: {exc}") from None
     count = sum(_numel(s) for s in shapes.values())
-    facts = [("adapter", str(adapter_dir)), ("method", f"{config.peft_type}"),
+    method = f"{config.peft_type} (DoRA)" if data.get("use_dora") else config.peft_type
+    facts = [("adapter", str(adapter_dir)), ("method", method),
              ("task type", str(config.task_type))]
     if config.base_model_name_or_path:
         facts.append(("base model", config.base_model_name_or_path))
