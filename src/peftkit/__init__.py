@@ -11,6 +11,7 @@ from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError
 from .inject import apply, infer_task_type, unload
 from .io import load, read_config, save
+from .methods.bottleneck import AdapterConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .registry import Method, register
@@ -18,7 +19,7 @@ from .registry import Method, register
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "ConfigError", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
+    "AdapterConfig", "AdapterFileError", "ConfigError", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
     "PeftkitError", "TrainableSummary", "active_adapters", "apply", "delete", "disabled", "infer_task_type",
     "load", "merge", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]

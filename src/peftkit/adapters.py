@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
+from . import registry
 from .errors import ModelError
 from .layer import AdapterLayer
 from .state import check_name, drop_state, get_state, hosts, replace_module
@@ -72,6 +73,10 @@ def merge(model: nn.Module) -> list[str]:
     state = get_state(model)
     if not state.active:
         raise ModelError("no active adapter to merge")
+    for name in state.active:
+        if registry.method_for(state.configs[name]).attach is not None:
+            raise ModelError(f"adapter {name!r} ({state.configs[name].peft_type}) changes the model's inputs, "
+                             "not its weights; it cannot be merged")
     layers = [h for _, h in hosts(model) if isinstance(h, AdapterLayer)]
     for host in layers:
         for name in host.active:

@@ -29,7 +29,7 @@ from .errors import AdapterFileError, ConfigError
 from .inject import adapter_parameters, apply
 from .layer import FILE_PREFIX as PREFIX
 from .layer import AdapterLayer, Host
-from .registry import config_from_dict
+from .registry import config_from_dict, method_for
 from .state import check_name, get_state, hosts
 from .targeting import logical_modules
 
@@ -60,6 +60,9 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, host in hosts(model):
         if name in host.names():
             out.update(host.file_tensors(name, path))
+    prefix = method_for(config).module_prefix
+    if prefix != PREFIX:
+        out = {prefix + k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in out.items()}
     bias = getattr(config, "bias", "none")
     if bias != "none":
         for path, module in logical_modules(model):
@@ -135,6 +138,9 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     """
     config = read_config(directory)
     tensors = read_tensors(directory, allow_pickle)
+    # A file holds what inference uses (HF PEFT's inference_mode): for P-tuning and projected
+    # prefixes that is the prompt itself, so the adapter is built without its training encoder.
+    config.inference_mode = True
     apply(model, config, name)
     try:
         _fill(model, name, tensors, os.fspath(directory))

@@ -32,6 +32,11 @@ class Unit(nn.Module):
     def adjust_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def adjust_call(self, x: torch.Tensor, args: tuple) -> tuple[torch.Tensor, tuple]:
+        """Adjust the base layer's call: the first input and, where a unit needs to, the other
+        positional arguments (e.g. the residual that BERT's output block adds)."""
+        return self.adjust_input(x), args
+
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: D401
         return out
 
@@ -77,6 +82,10 @@ class Host(nn.Module):
         """What goes back at the host's place when it is removed (None: nothing, delete it)."""
         raise NotImplementedError
 
+    def inner(self) -> nn.Module | None:
+        """The module whose children continue the model's tree below the host (None: no descent)."""
+        return None
+
 
 class AdapterLayer(Host):
     """Wraps ``base_layer``; runs the active, unmerged units around it."""
@@ -106,6 +115,9 @@ class AdapterLayer(Host):
         return {f"{FILE_PREFIX}{path}.{suffix}": t for suffix, t in unit.file_tensors().items()}
 
     def restore(self, merge: bool) -> nn.Module:
+        return self.base_layer
+
+    def inner(self) -> nn.Module:
         return self.base_layer
 
     def remove(self, name: str) -> None:
@@ -158,7 +170,7 @@ class AdapterLayer(Host):
             return self.base_layer(x, *args, **kwargs)
         base_x = x
         for unit in self._pre:
-            base_x = unit.adjust_input(base_x)
+            base_x, args = unit.adjust_call(base_x, args)
         out = self.base_layer(base_x, *args, **kwargs)
         for unit in self._post:
             out = unit(x, out)

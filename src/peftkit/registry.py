@@ -36,6 +36,9 @@ class Method:
     attach: Callable[[nn.Module, PeftConfig, str], None] | None = None
     # Optional: fill model-dependent defaults into the (already copied) config before targeting.
     prepare: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
+    # Where HF PEFT's file keys this method's modules_to_save copies: "base_model.model.<path>",
+    # or "base_model.<path>" for the input methods (their PeftModel holds the model directly).
+    module_prefix: str = "base_model.model."
 
     def __post_init__(self) -> None:
         if (self.make_unit is None) == (self.attach is None):

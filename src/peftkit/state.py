@@ -14,7 +14,7 @@ import torch.nn as nn
 from .config import PeftConfig
 from .errors import ModelError
 from .layer import Host
-from .targeting import logical_modules
+from .targeting import get_logical, logical_modules
 
 ATTR = "_peftkit"
 
@@ -63,7 +63,9 @@ def hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
 def replace_module(model: nn.Module, name: str, new: nn.Module | None) -> None:
     """Put ``new`` at ``name``; ``None`` deletes the attribute (a host the model never had)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent = get_logical(model, parent_name)
+    if isinstance(parent, Host):
+        parent = parent.inner()
     if new is None:
         delattr(parent, child)
     else:

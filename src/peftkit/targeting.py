@@ -37,17 +37,32 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` with host layers reported under the original name, not descended."""
-    from .layer import HOSTS
+    """``named_modules`` under the model's own names: a host layer is reported at the name of
+    the module it wraps, its adapters are not listed, and the wrapped module's children keep
+    their original names (``mlp.c_fc``, not ``mlp.base_layer.c_fc``)."""
+    from .layer import Host
 
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield prefix, module
-        if isinstance(module, HOSTS):
+        inner = module.inner() if isinstance(module, Host) else module
+        if inner is None:
             return
-        for child_name, child in module.named_children():
+        for child_name, child in inner.named_children():
             yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
 
     yield from walk("", model)
+
+
+def get_logical(model: nn.Module, name: str) -> nn.Module:
+    """The module at logical ``name``; inside a host layer, the wrapped module's children."""
+    from .layer import Host
+
+    module = model
+    for part in name.split(".") if name else []:
+        if isinstance(module, Host):
+            module = module.inner()
+        module = getattr(module, part)
+    return module
 
 
 def _matches_list(name: str, entries: list[str]) -> bool:

@@ -1,4 +1,5 @@
 """Each module registers one method with ``peftkit.registry`` when imported."""
 
+from . import bottleneck  # noqa: F401
 from . import ia3  # noqa: F401
 from . import lora  # noqa: F401

@@ -28,10 +28,10 @@ class TrainOptions:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: str | list[str] | None = None  # None: the method's default for the model type
-    epochs: int = 4
+    epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_length: int = 64
