@@ -146,7 +146,7 @@ def train_classifier(options: TrainOptions, console: Console) -> dict[str, Any]:
     write_json(adapter_dir / rundir.ARGS_FILE, _train_args(options, model_path))
     steps_x, losses = metrics.train_points()
     plot_loss(out / "loss.png", steps_x, losses, metrics.eval_points(),
-              title=f"{options.method} on {Path(model_path).name}: loss (eval points labelled with accuracy)")
+              title=f"{options.method} on {Path(options.model).name}: loss (eval points labelled with accuracy)")
     adapter_bytes = (adapter_dir / rundir.WEIGHTS_FILE).stat().st_size
     summary = {
         "eval": after,

@@ -82,7 +82,7 @@ class MetricsLog:
         return [(r["step"], r["eval"]) for r in self.records if "eval" in r]
 
 
-def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+def _smooth(values: list[float], weight: float = 0.6) -> list[float]:
     """Exponential moving average, bias-corrected so the first points are not pulled to 0."""
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
