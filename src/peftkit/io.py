@@ -30,7 +30,7 @@ from .inject import adapter_parameters, apply
 from .layer import FILE_PREFIX as PREFIX
 from .layer import AdapterLayer, Host
 from .registry import config_from_dict, method_for
-from .state import check_name, get_state, hosts
+from .state import check_name, get_state, has_adapters, hosts
 from .targeting import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -141,11 +141,17 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     # A file holds what inference uses (HF PEFT's inference_mode): for P-tuning and projected
     # prefixes that is the prompt itself, so the adapter is built without its training encoder.
     config.inference_mode = True
+    before_active = get_state(model).active if has_adapters(model) else []
+    before_grad = [(p, p.requires_grad) for p in model.parameters()]
     apply(model, config, name)
     try:
         _fill(model, name, tensors, os.fspath(directory))
-    except BaseException:
+    except BaseException:  # leave the model exactly as it was
         ops.delete(model, name)
+        if before_active:
+            ops.set_active(model, before_active)
+        for p, flag in before_grad:
+            p.requires_grad_(flag)
         raise
     if not trainable:
         for p in adapter_parameters(model, name):
@@ -153,10 +159,32 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     return model
 
 
+def optional_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor | None]:
+    """Keys HF PEFT may write beside the adapter's own, and where they go (None: ignored).
+
+    - the base weight of an adapted embedding (``save_embedding_layers``: HF writes it when an
+      embedding or LM head is targeted, for vocabularies that were resized); loaded into the base;
+    - with ``bias != "none"``, the internal ``modules_to_save.<p>`` / ``original_module.<p>`` copies
+      of a saved module's biases, duplicates of ``<path>.<p>``.
+    """
+    out: dict[str, torch.Tensor | None] = {}
+    for path, host in hosts(model):
+        if isinstance(host, AdapterLayer) and name in host.adapters and isinstance(host.base_layer, nn.Embedding):
+            out[f"{PREFIX}{path}.base_layer.weight"] = host.base_layer.weight
+        elif name in host.names() and not isinstance(host, AdapterLayer):
+            for key in host.file_tensors(name, path):
+                param = key[len(PREFIX) + len(path) + 1:]
+                out[f"{PREFIX}{path}.modules_to_save.{param}"] = None
+                out[f"{PREFIX}{path}.original_module.{param}"] = None
+    return out
+
+
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     expected = adapter_tensors(model, name)
+    optional = {k: t for k, t in optional_tensors(model, name).items() if k in tensors and k not in expected}
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - set(optional))
+    expected.update({k: t for k, t in optional.items() if t is not None})
     if missing:
         raise AdapterFileError(f"{source}: missing key {missing[0]}" + _more(missing))
     if unexpected:

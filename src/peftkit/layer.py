@@ -93,6 +93,7 @@ class AdapterLayer(Host):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.training = base_layer.training
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
@@ -101,6 +102,7 @@ class AdapterLayer(Host):
 
     # -- bookkeeping ------------------------------------------------------------------------
     def add(self, name: str, unit: Unit) -> None:
+        unit.train(self.base_layer.training)  # a unit added to an eval-mode model runs in eval mode
         self.adapters[name] = unit
         self._refresh()
 
@@ -199,6 +201,7 @@ class SavedModule(Host):
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.original_module = original
+        self.training = original.training
         self.copies = nn.ModuleDict()
         self.use: str | None = None
         self.disabled = False

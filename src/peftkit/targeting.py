@@ -7,7 +7,7 @@
 - ``layers_to_transform`` keeps only modules whose layer index (the number after
   ``layers_pattern``, or the first ``.<name>.<digits>.`` when no pattern is given) is listed;
   like HF PEFT it applies to list targets only.
-- ``rank_pattern`` / ``alpha_pattern`` keys match a name when ``(.*\\.)?key`` fully matches it.
+- ``rank_pattern`` / ``alpha_pattern`` keys match a name when ``(.*\\.)?(key)`` fully matches it.
 
 Names are the model's own (``bert.encoder.layer.0.attention.self.query``) even after
 adapters are applied: modules inside a host layer are not seen twice.
@@ -79,11 +79,11 @@ def matches(selector: list[str] | str | None, name: str) -> bool:
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
-    if not patterns:
-        found = re.match(r".*\.[^.]*\.(\d+)\.", name)
+    if not patterns:  # the first "<name>.<digits>." after the first dot
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(found.group(1)) if found else None
     for pattern in patterns:
-        found = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
         if found:
             return int(found.group(1))
     return None
@@ -91,7 +91,7 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
 
 def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
     for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
             return value
     return default
 
