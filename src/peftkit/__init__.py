@@ -12,6 +12,7 @@ from .errors import AdapterFileError, ConfigError, DataError, ModelError, Peftki
 from .inject import apply, infer_task_type, unload
 from .io import load, read_config, save
 from .methods.bottleneck import AdapterConfig
+from .methods.combine import combine
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .registry import Method, register
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "ConfigError", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
-    "PeftkitError", "TrainableSummary", "active_adapters", "apply", "delete", "disabled", "infer_task_type",
+    "PeftkitError", "TrainableSummary", "active_adapters", "apply", "combine", "delete", "disabled", "infer_task_type",
     "load", "merge", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]

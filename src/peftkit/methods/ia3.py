@@ -64,6 +64,9 @@ class IA3Config(PeftConfig):
         data = super().file_dict(adapted)
         if adapted:
             data["feedforward_modules"] = sorted(p for p in adapted if matches(self.feedforward_modules, p))
+            # HF PEFT's IA3Config has no layer filters; the exact lists above already apply them.
+            data.pop("layers_to_transform", None)
+            data.pop("layers_pattern", None)
         return data
 
 
