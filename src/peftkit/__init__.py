@@ -15,12 +15,16 @@ from .methods.bottleneck import AdapterConfig
 from .methods.combine import combine
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoderConfig, PTuningConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .registry import Method, register
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "ConfigError", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
-    "PeftkitError", "TrainableSummary", "active_adapters", "apply", "combine", "delete", "disabled", "infer_task_type",
+    "PeftkitError", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PTuningConfig",
+    "TrainableSummary", "active_adapters", "apply", "combine", "delete", "disabled", "infer_task_type",
     "load", "merge", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]

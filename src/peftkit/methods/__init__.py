@@ -3,3 +3,6 @@
 from . import bottleneck  # noqa: F401
 from . import ia3  # noqa: F401
 from . import lora  # noqa: F401
+from . import p_tuning  # noqa: F401
+from . import prefix_tuning  # noqa: F401
+from . import prompt_tuning  # noqa: F401
