@@ -28,12 +28,23 @@ CASES = {
     "BOTTLENECK_PFEIFFER": lambda kind, init: peftkit.AdapterConfig(variant="pfeiffer", bottleneck_size=8, init=init),
     "BOTTLENECK_PARALLEL": lambda kind, init: peftkit.AdapterConfig(variant="parallel", bottleneck_size=8, init=init),
     "IA3": lambda kind, init: peftkit.IA3Config(init_ia3_weights=(init == "identity")),
+    # Input methods: no identity at init (the prompt always changes the input).
+    "PROMPT_TUNING": lambda kind, init: peftkit.PromptTuningConfig(num_virtual_tokens=4),
+    "P_TUNING": lambda kind, init: peftkit.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
+    "PREFIX_TUNING": lambda kind, init: peftkit.PrefixTuningConfig(num_virtual_tokens=4),
 }
 # (IA)³ has few parameters, each a multiplicative scale: it needs a larger step to move.
 # Bottleneck adapters act on the full hidden width: a smaller step keeps them stable.
 LEARNING_RATE = {"IA3": 5e-2, "BOTTLENECK": 3e-3, "BOTTLENECK_PFEIFFER": 3e-3, "BOTTLENECK_PARALLEL": 3e-3}
 IDENTITY_AT_INIT = {"LORA", "DORA", "IA3", "BOTTLENECK", "BOTTLENECK_PFEIFFER", "BOTTLENECK_PARALLEL"}
 MERGEABLE = {"LORA", "DORA", "IA3"}
+# Input methods: N(0, 1) prompts (HF PEFT's init) need larger steps.
+LEARNING_RATE.update({"PROMPT_TUNING": 1e-1, "P_TUNING": 1e-1, "PREFIX_TUNING": 1e-1})
+# With virtual tokens prepended (HF PEFT's layout, which its files need), BERT's pooler reads
+# the first virtual token; in a random 2-layer BERT its state barely depends on the input
+# (attention is near uniform), so 15 steps cannot fit random labels. Pretrained MiniLM covers
+# encoder classification for these methods (and test_prompting.py the plumbing on tiny BERT).
+NO_TINY_BERT_TRAINING = {"PROMPT_TUNING", "P_TUNING"}
 
 
 def test_every_registered_method_has_a_case():
@@ -130,6 +141,8 @@ def test_unload_with_merge_keeps_the_adapted_function(kind, method):
 
 
 def test_training_lowers_the_loss(kind, method):
+    if kind == "bert" and method in NO_TINY_BERT_TRAINING:
+        pytest.skip(f"{method}: BERT's pooler reads a virtual token, input-independent in a random tiny BERT")
     torch.manual_seed(0)
     model = _build(kind, method, "identity")
     batch = _batch(kind)
