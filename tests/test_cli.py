@@ -205,6 +205,27 @@ def test_dora_method(workdir, tiny_model, data_files):
     assert json.loads((out / "summary.json").read_text())["method"] == "dora"
 
 
+@pytest.mark.parametrize("method,peft_type", [("prompt", "PROMPT_TUNING"), ("ptuning", "P_TUNING"),
+                                              ("prefix", "PREFIX_TUNING")])
+def test_input_methods(workdir, tiny_model, data_files, method, peft_type):
+    from peftkit.train.options import METHOD_DEFAULTS
+
+    out = workdir / method
+    result = invoke("train", "--method", method, "--virtual-tokens", 3, "--model", tiny_model, "--data", data_files[0],
+                    "--eval-data", data_files[1], "--max-steps", 2, "--batch-size", 4, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["num_virtual_tokens"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["options"]["lr"] == METHOD_DEFAULTS[method]["lr"]
+    assert peft_type in invoke("info", out).stdout
+    got = json.loads(invoke("eval", "--adapter", out, "-q").stdout)
+    assert got["accuracy"] == summary["eval"]["accuracy"] and got["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    assert_clean_error(invoke("merge", "--adapter", out, "--out", workdir / f"{method}-merged"), "cannot be merged")
+    assert_clean_error(invoke("train", "--method", method, "--targets", "query", "--model", tiny_model,
+                              "--data", data_files[0], "--out", workdir / "never"), "--targets")
+
+
 def test_unknown_yaml_key_is_an_error_naming_key_and_file(workdir):
     cfg = workdir / "bad.yaml"
     cfg.write_text("r: 4\nlearning_rate: 0.1\n")
@@ -336,7 +357,7 @@ def test_debug_shows_the_original_exception(tmp_path):
 def test_python_dash_m_and_a_real_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "peftkit", "train", "--data", str(tmp_path / "nope.csv")],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"Error: {tmp_path / 'nope.csv'}: file not found"
     assert proc.stdout.startswith("output: runs/lora-")
