@@ -21,7 +21,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import PeftkitError
-from .train.options import FIELDS, METHODS
+from .train.options import FIELDS, METHOD_DEFAULTS, METHODS
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -88,7 +88,8 @@ def _help(text: str, field: str) -> str:
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of each label's rows held out (chosen with --seed)]")
 @click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
-              "magnitude vector).", "method"))
+              "magnitude vector; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
+@click.option("--virtual-tokens", type=int, help=_help("Virtual tokens (prompt, ptuning, prefix).", "virtual_tokens"))
 @click.option("--r", type=int, help=_help("LoRA rank.", "r"))
 @click.option("--alpha", type=float, help=_help("LoRA alpha (scaling = alpha / r).", "alpha"))
 @click.option("--dropout", type=float, help=_help("Dropout on the LoRA input.", "dropout"))
@@ -97,7 +98,8 @@ def _help(text: str, field: str) -> str:
 @click.option("--epochs", type=int, help=_help("Passes over the training data.", "epochs"))
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help=_help("Examples per step (and per eval batch).", "batch_size"))
-@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW, linear warmup and decay).", "lr"))
+@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW, linear warmup and decay).", "lr")[:-1]
+              + "".join(f"; {m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items()) + "]")
 @click.option("--warmup-ratio", type=float, help=_help("Fraction of the steps spent warming up.", "warmup_ratio"))
 @click.option("--weight-decay", type=float, help=_help("AdamW weight decay on adapter matrices.", "weight_decay"))
 @click.option("--max-length", type=int, help=_help("Tokens per example; longer texts are truncated.", "max_length"))

@@ -180,6 +180,8 @@ def train_classifier(options: TrainOptions, console: Console) -> dict[str, Any]:
 
 def _targets_text(config: Any, model: torch.nn.Module) -> str:
     """The configured targets, or the method's default for this model type."""
+    if not hasattr(config, "target_modules"):
+        return "none (virtual tokens at the input)"
     targets = config.target_modules
     if targets is None:
         kind = getattr(getattr(model, "config", None), "model_type", None)

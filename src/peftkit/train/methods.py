@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from .. import ConfigError, LoraConfig, PeftConfig
+from .. import ConfigError, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from .options import TrainOptions
 
 ALL_LINEAR = "all-linear"
@@ -42,7 +42,20 @@ def _dora(options: TrainOptions) -> PeftConfig:
     return _lora(options, use_dora=True)
 
 
-BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {"lora": _lora, "dora": _dora}
+def _input_method(make: Callable[[int], PeftConfig]) -> Callable[[TrainOptions], PeftConfig]:
+    def build(options: TrainOptions) -> PeftConfig:
+        if options.targets is not None:
+            raise ConfigError(f"--targets: --method {options.method} adapts the inputs, not modules; drop --targets")
+        return make(options.virtual_tokens)
+    return build
+
+
+BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {
+    "lora": _lora, "dora": _dora,
+    "prompt": _input_method(lambda n: PromptTuningConfig(num_virtual_tokens=n)),
+    "ptuning": _input_method(lambda n: PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=128)),
+    "prefix": _input_method(lambda n: PrefixTuningConfig(num_virtual_tokens=n)),
+}
 
 
 def build_config(options: TrainOptions) -> PeftConfig:
@@ -54,7 +67,8 @@ def build_config(options: TrainOptions) -> PeftConfig:
 def describe(config: Any) -> str:
     """A one-line summary of a config's main settings, e.g. ``r=8 alpha=16 dropout=0.05``."""
     parts = []
-    for field, label in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+    for field, label in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
+                         ("num_virtual_tokens", "virtual_tokens")):
         if hasattr(config, field):
             parts.append(f"{label}={getattr(config, field):g}")
     return " ".join(parts)

@@ -14,7 +14,10 @@ from typing import Any
 
 from .. import ConfigError
 
-METHODS = ("lora", "dora")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
+METHODS = ("lora", "dora", "prompt", "ptuning", "prefix")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
+# Defaults that differ per method, used where neither the file nor a flag sets the field: the
+# input methods train few parameters from an N(0, 1) start and need larger steps than LoRA.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2}}
 DEVICES = ("cpu", "cuda")
 
 
@@ -25,6 +28,7 @@ class TrainOptions:
     eval_data: str | None = None
     method: str = "lora"
     r: int = 8
+    virtual_tokens: int = 20  # prompt, ptuning, prefix
     alpha: float = 16.0
     dropout: float = 0.05
     targets: str | list[str] | None = None  # None: the method's default for the model type
@@ -50,7 +54,7 @@ class TrainOptions:
             where = f"{source}: " if source else ""
             raise ConfigError(f"{where}--{name.replace('_', '-')}: expected {expected}, found {value!r}")
 
-        for name in ("r", "epochs", "batch_size", "max_length"):
+        for name in ("r", "virtual_tokens", "epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 fail(name, "a positive integer", getattr(self, name))
         if self.max_steps is not None and self.max_steps < 1:
@@ -76,7 +80,7 @@ class TrainOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
-_INT_FIELDS = {"r", "epochs", "max_steps", "batch_size", "max_length", "seed"}
+_INT_FIELDS = {"r", "virtual_tokens", "epochs", "max_steps", "batch_size", "max_length", "seed"}
 _FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay"}
 _STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device"}
 
@@ -172,8 +176,9 @@ def build_options(file_values: dict[str, Any], cli_values: dict[str, Any], sourc
     """Defaults, overridden by the file's values, overridden by flags given on the command line."""
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     options = TrainOptions.__new__(TrainOptions)
+    method_defaults = METHOD_DEFAULTS.get(merged.get("method", FIELDS["method"].default), {})
     for name, f in FIELDS.items():
-        setattr(options, name, merged.get(name, f.default))
+        setattr(options, name, merged.get(name, method_defaults.get(name, f.default)))
     from_file = {k: source for k in file_values if cli_values.get(k) is None} if source else {}
     options.validate(from_file)
     return options
