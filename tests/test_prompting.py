@@ -295,3 +295,24 @@ def test_training_state_keeps_the_encoder(method):
     resumed.load_state_dict(state, strict=False)
     torch.testing.assert_close(logits(resumed, **batch), logits(model, **batch), rtol=0, atol=0)
     assert {n for n, p in resumed.named_parameters() if p.requires_grad} == set(state)
+
+
+def test_the_cache_keyword_is_read_from_the_forward_signature():
+    """Earlier transformers releases call the cache ``past_key_values``; prefix tuning finds it by name."""
+    from transformers import GPT2LMHeadModel
+
+    class OlderGPT2(GPT2LMHeadModel):
+        def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
+                    inputs_embeds=None, labels=None, use_cache=None, **kwargs):
+            return super().forward(input_ids=input_ids, cache=past_key_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+                                   use_cache=use_cache, **kwargs)
+
+    batch = pad(ids([6, 4]), "left")
+    model = adapted("gpt2", "prefix")
+    older = OlderGPT2(model.config).eval()
+    older.load_state_dict(MODELS["gpt2"]().state_dict())
+    peftkit.apply(older, peftkit_config("prefix"))
+    older.peftkit_prompts.load_state_dict(model.peftkit_prompts.state_dict())
+    assert older.peftkit_prompts.shape.cache_arg == "past_key_values"
+    torch.testing.assert_close(logits(older, **batch), logits(model, **batch), rtol=0, atol=0)
