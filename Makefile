@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: on a shared or small machine spinning threads
+# fight for cores and a training step can take ten times longer.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test install install-test clean
 

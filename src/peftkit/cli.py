@@ -88,7 +88,7 @@ def _help(text: str, field: str) -> str:
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of each label's rows held out (chosen with --seed)]")
 @click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
-              "magnitude vector; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
+              "magnitude vector; ia3: (IA)³ scaling vectors; adapter: Houlsby bottleneck adapters; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
 @click.option("--virtual-tokens", type=int, help=_help("Virtual tokens (prompt, ptuning, prefix).", "virtual_tokens"))
 @click.option("--r", type=int, help=_help("LoRA rank.", "r"))
 @click.option("--alpha", type=float, help=_help("LoRA alpha (scaling = alpha / r).", "alpha"))

@@ -37,11 +37,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600 files; others may need to read ours
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

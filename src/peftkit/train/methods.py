@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from .. import ConfigError, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
+from .. import (AdapterConfig, ConfigError, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig,
+                PTuningConfig)
 from .options import TrainOptions
 
 ALL_LINEAR = "all-linear"
@@ -42,6 +43,18 @@ def _dora(options: TrainOptions) -> PeftConfig:
     return _lora(options, use_dora=True)
 
 
+def _ia3(options: TrainOptions) -> PeftConfig:
+    # With --targets, every target is scaled at its output (no feed-forward module).
+    return IA3Config(target_modules=parse_targets(options.targets))
+
+
+def _adapter(options: TrainOptions) -> PeftConfig:
+    if options.targets is not None:
+        raise ConfigError("--targets: --method adapter inserts adapters at the model's attention and feed-forward "
+                          "outputs (from its architecture); drop --targets")
+    return AdapterConfig(variant="houlsby", dropout=options.dropout)
+
+
 def _input_method(make: Callable[[int], PeftConfig]) -> Callable[[TrainOptions], PeftConfig]:
     def build(options: TrainOptions) -> PeftConfig:
         if options.targets is not None:
@@ -51,7 +64,7 @@ def _input_method(make: Callable[[int], PeftConfig]) -> Callable[[TrainOptions],
 
 
 BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {
-    "lora": _lora, "dora": _dora,
+    "lora": _lora, "dora": _dora, "ia3": _ia3, "adapter": _adapter,
     "prompt": _input_method(lambda n: PromptTuningConfig(num_virtual_tokens=n)),
     "ptuning": _input_method(lambda n: PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=128)),
     "prefix": _input_method(lambda n: PrefixTuningConfig(num_virtual_tokens=n)),

@@ -14,10 +14,13 @@ from typing import Any
 
 from .. import ConfigError
 
-METHODS = ("lora", "dora", "prompt", "ptuning", "prefix")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
+METHODS = ("lora", "dora", "ia3", "adapter", "prompt", "ptuning", "prefix")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
 # Defaults that differ per method, used where neither the file nor a flag sets the field: the
 # input methods train few parameters from an N(0, 1) start and need larger steps than LoRA.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2}}
+# (IA)³'s vectors are multiplicative scales and need larger steps too; bottleneck adapters act
+# on the full hidden width and want smaller ones.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2},
+                                              "ia3": {"lr": 1e-2}, "adapter": {"lr": 1e-3}}
 DEVICES = ("cpu", "cuda")
 
 

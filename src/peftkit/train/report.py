@@ -8,42 +8,13 @@ a file opened for appending, so a reader sees only whole lines of a run that was
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-
-def _file_mode() -> int:
-    """The mode ``open`` would give a new file (``mkstemp`` makes 0600 ones)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _file_mode())
-    return fd, tmp
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from ..io import write_atomic
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -119,13 +90,6 @@ def plot_loss(path: str | os.PathLike, steps: list[int], losses: list[float],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_atomic(path, buffer.getvalue())
