@@ -391,3 +391,24 @@ def test_bundled_model_and_demo_data_smoke(tmp_path):
     assert summary["eval"]["n"] == 90 and summary["train_examples"] == 285
     args = json.loads((tmp_path / "demo" / "adapter" / "train_args.json").read_text())
     assert args["model"] == "minilm" and args["data"] is None
+
+
+@pytest.mark.parametrize("method,peft_type,mergeable", [("ia3", "IA3", True), ("adapter", "BOTTLENECK", False)])
+def test_weight_methods(workdir, tiny_model, data_files, method, peft_type, mergeable):
+    from peftkit.train.options import METHOD_DEFAULTS
+
+    out = workdir / method
+    result = invoke("train", "--method", method, "--model", tiny_model, "--data", data_files[0],
+                    "--eval-data", data_files[1], "--max-steps", 2, "--batch-size", 4, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["options"]["lr"] == METHOD_DEFAULTS[method]["lr"]
+    got = json.loads(invoke("eval", "--adapter", out, "-q").stdout)
+    assert got["accuracy"] == summary["eval"]["accuracy"]
+    merged = invoke("merge", "--adapter", out, "--out", workdir / f"{method}-merged")
+    if mergeable:
+        assert merged.exit_code == 0, merged.output
+    else:
+        assert_clean_error(merged, "cannot be merged")
