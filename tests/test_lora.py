@@ -96,6 +96,7 @@ def test_layers_to_transform_and_rank_pattern():
     peftkit.apply(model, config)
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     assert sorted(wrapped) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert peftkit.adapted_modules(model) == sorted(wrapped)
     assert wrapped["model.layers.1.self_attn.v_proj"].adapters["default"].r == 2
     assert wrapped["model.layers.1.self_attn.q_proj"].adapters["default"].scaling == 16 / 4
 

@@ -6,7 +6,7 @@
     peftkit.save(model, "my-adapter")
 """
 
-from .adapters import TrainableSummary, active_adapters, delete, disabled, merge, set_active, trainable_summary, unmerge
+from .adapters import TrainableSummary, active_adapters, adapted_modules, delete, disabled, merge, set_active, trainable_summary, unmerge
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError
 from .inject import apply, infer_task_type, unload
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AdapterFileError", "ConfigError", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
     "PeftkitError", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PTuningConfig",
-    "TrainableSummary", "active_adapters", "apply", "combine", "delete", "disabled", "infer_task_type",
+    "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "infer_task_type",
     "load", "merge", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]

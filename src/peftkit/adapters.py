@@ -46,6 +46,13 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(get_state(model).active)
 
 
+def adapted_modules(model: nn.Module, name: str = "default") -> list[str]:
+    """The names of the modules adapter ``name`` wraps (empty for the input methods)."""
+    state = get_state(model)
+    check_name(state, name)
+    return sorted(state.targets.get(name, []))
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged meanwhile)."""
