@@ -32,14 +32,7 @@ peft = pytest.importorskip("peft")
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, which on a
-    busy 2-core machine costs more than the work itself (0.3 s instead of 5 ms a forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 WEIGHTS = "adapter_model.safetensors"
 
 
