@@ -87,23 +87,19 @@ class Host(nn.Module):
         return None
 
 
-class AdapterLayer(Host):
-    """Wraps ``base_layer``; runs the active, unmerged units around it."""
+class NamedAdapters(Host):
+    """A host whose adapters sit in ``self.adapters`` (a ``ModuleDict``), with an ordered active
+    set and a disabled flag; subclasses precompute what runs in ``_refresh``."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.training = base_layer.training
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
-        self.merged: list[str] = []
         self.disabled = False
-        self._refresh()
 
-    # -- bookkeeping ------------------------------------------------------------------------
-    def add(self, name: str, unit: Unit) -> None:
-        unit.train(self.base_layer.training)  # a unit added to an eval-mode model runs in eval mode
-        self.adapters[name] = unit
+    def add(self, name: str, adapter: nn.Module) -> None:
+        adapter.train(self.training)  # an adapter added to an eval-mode model runs in eval mode
+        self.adapters[name] = adapter
         self._refresh()
 
     def names(self) -> list[str]:
@@ -111,6 +107,36 @@ class AdapterLayer(Host):
 
     def owned(self, name: str) -> nn.Module | None:
         return self.adapters[name] if name in self.adapters else None
+
+    def remove(self, name: str) -> None:
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+        self._refresh()
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, disabled={self.disabled}"
+
+
+class AdapterLayer(NamedAdapters):
+    """Wraps ``base_layer``; runs the active, unmerged units around it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.training = base_layer.training
+        self.merged: list[str] = []
+        self._refresh()
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
         unit = self.adapters[name]
@@ -125,17 +151,7 @@ class AdapterLayer(Host):
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise ModelError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
-        del self.adapters[name]
-        self.active = tuple(n for n in self.active if n != name)
-        self._refresh()
-
-    def set_active(self, names: Iterable[str]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
+        super().remove(name)
 
     def _refresh(self) -> None:
         run = () if self.disabled else tuple(
@@ -189,7 +205,7 @@ class AdapterLayer(Host):
         return getattr(self.base_layer, "bias", None)
 
     def extra_repr(self) -> str:
-        return f"active={list(self.active)}, merged={self.merged}, disabled={self.disabled}"
+        return f"{super().extra_repr()}, merged={self.merged}"
 
 
 class SavedModule(Host):

@@ -61,7 +61,7 @@ import torch.nn as nn
 
 from .config import PeftConfig, check_names, check_positive_int
 from .errors import ConfigError, ModelError
-from .layer import Host
+from .layer import NamedAdapters
 
 ATTR = "peftkit_prompts"  # the PromptHost's attribute name on the model
 IGNORE_INDEX = -100
@@ -183,14 +183,11 @@ class InputAdapter(nn.Module):
         return self.prompt()
 
 
-class PromptHost(Host):
+class PromptHost(NamedAdapters):
     """Holds a model's input adapters and the forward pre-hook that feeds them in."""
 
     def __init__(self, shape: ModelShape, task_type: str | None) -> None:
         super().__init__()
-        self.adapters = nn.ModuleDict()
-        self.active: tuple[str, ...] = ()
-        self.disabled = False
         self.shape = shape
         self.classify_last_token = shape.causal and task_type == "SEQ_CLS"  # move right padding left
         self.token_labels = task_type == "CAUSAL_LM"  # labels (B, T) get -100 for the virtual tokens
@@ -202,30 +199,7 @@ class PromptHost(Host):
         self._handles = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                          model.register_forward_hook(self._post_hook)]
 
-    # -- the Host protocol ------------------------------------------------------------------
-    def add(self, name: str, adapter: InputAdapter) -> None:
-        self.adapters[name] = adapter
-        self._refresh()
-
-    def names(self) -> list[str]:
-        return list(self.adapters)
-
-    def remove(self, name: str) -> None:
-        del self.adapters[name]
-        self.active = tuple(n for n in self.active if n != name)
-        self._refresh()
-
-    def set_active(self, names: Iterable[str]) -> None:
-        self.active = tuple(n for n in names if n in self.adapters)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def owned(self, name: str) -> nn.Module | None:
-        return self.adapters[name] if name in self.adapters else None
-
+    # -- the Host protocol (names, add, remove, set_active, … from NamedAdapters) -----------
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.adapters[name].file_tensor()}
 
@@ -239,9 +213,6 @@ class PromptHost(Host):
         run = () if self.disabled else tuple(self.adapters[n] for n in self.active)
         self._embeds = tuple(a for a in run if a.kind == "embeddings")
         self._prefixes = tuple(a for a in run if a.kind == "prefix")
-
-    def extra_repr(self) -> str:
-        return f"active={list(self.active)}, disabled={self.disabled}"
 
     # -- the hook ---------------------------------------------------------------------------
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
