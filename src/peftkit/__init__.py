@@ -11,6 +11,7 @@ from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError
 from .inject import apply, infer_task_type, unload
 from .io import load, read_config, save
+from .merge_report import MergeReport
 from .methods.bottleneck import AdapterConfig
 from .methods.combine import combine
 from .methods.ia3 import IA3Config
@@ -18,13 +19,14 @@ from .methods.lora import LoraConfig
 from .methods.p_tuning import PromptEncoderConfig, PTuningConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .quant import prepare_for_kbit_training, quantize
 from .registry import Method, register
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "ConfigError", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
+    "AdapterConfig", "AdapterFileError", "ConfigError", "MergeReport", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
     "PeftkitError", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PTuningConfig",
     "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "infer_task_type",
-    "load", "merge", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
+    "load", "merge", "prepare_for_kbit_training", "quantize", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch.nn as nn
 
 from . import registry
+from . import quant
 from .errors import ModelError
+from .merge_report import MergeReport, Probe, change, default_probe
 from .layer import AdapterLayer
 from .state import check_name, drop_state, get_state, hosts, replace_module
 
@@ -58,6 +60,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged meanwhile)."""
     get_state(model)
     was_merged = is_merged(model)
+    requantize = any(h.__dict__.get("_quantized") is not None and h.base_layer is not h.__dict__["_quantized"]
+                     and quant.is_quantized(h.base_layer) for _, h in hosts(model) if isinstance(h, AdapterLayer))
     if was_merged:
         unmerge(model)
     all_hosts = [h for _, h in hosts(model)]
@@ -69,14 +73,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for host in all_hosts:
             host.set_disabled(False)
         if was_merged:
-            merge(model)
+            merge_layers(model, requantize)
 
 
-def merge(model: nn.Module) -> list[str]:
-    """Fold the active adapters into the base weights; forward then costs the base's alone.
-
-    Returns the names merged. Raises ``ModelError`` when an active adapter cannot be merged.
-    """
+def merge_layers(model: nn.Module, requantize: bool = False) -> list[str]:
+    """``merge`` without measuring: fold the active adapters in; returns their names."""
     state = get_state(model)
     if not state.active:
         raise ModelError("no active adapter to merge")
@@ -86,12 +87,33 @@ def merge(model: nn.Module) -> list[str]:
                              "not its weights; it cannot be merged")
     layers = [h for _, h in hosts(model) if isinstance(h, AdapterLayer)]
     for host in layers:
-        for name in host.active:
-            if not host.adapters[name].mergeable:
-                raise ModelError(f"adapter {name!r} ({type(host.adapters[name]).__name__}) cannot be merged")
+        host.mergeable_check()
     for host in layers:
-        host.merge()
+        host.merge(requantize=requantize)
     return list(state.active)
+
+
+def merge(model: nn.Module, probe: Any = None, requantize: bool = False) -> MergeReport:
+    """Fold the active adapters into the base weights; forward then costs the base's alone.
+
+    Over a 4-bit base the merged layers hold the dequantized weights plus the update, in the
+    compute dtype, or are quantized again with ``requantize=True``. Returns a ``MergeReport``:
+    how much each merged layer's output and the model's output changed on ``probe`` (see
+    ``merge_report``). Raises ``ModelError`` when an active adapter cannot be merged.
+    """
+    get_state(model)
+    targets = {path: h for path, h in hosts(model)
+               if isinstance(h, AdapterLayer) and any(n not in h.merged for n in h.active)}
+    batch = probe if probe is not None else default_probe(model)
+    if batch is None:
+        return MergeReport(merge_layers(model, requantize), "no probe (pass probe=...)")
+    runner = Probe(model, batch, targets)
+    out_before, layers_before = runner.run()
+    merged = merge_layers(model, requantize)
+    out_after, layers_after = runner.run()
+    described = "the given probe" if probe is not None else "the default probe (2 x 16 random token ids, seed 0)"
+    return MergeReport(merged, described, change(out_before, out_after),
+                       {p: change(layers_before[p], layers_after[p]) for p in layers_before if p in layers_after})
 
 
 def unmerge(model: nn.Module) -> None:

@@ -154,7 +154,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     state = get_state(model)
     if merge:
-        ops.merge(model)
+        ops.merge_layers(model)
     else:
         ops.unmerge(model)
     for path, host in list(hosts(model)):

@@ -161,22 +161,41 @@ class AdapterLayer(NamedAdapters):
         self._post = run
 
     # -- merging ----------------------------------------------------------------------------
-    def merge(self) -> list[str]:
-        """Fold the active, not yet merged units into the base weights; returns their names."""
-        done = []
+    def mergeable_check(self) -> None:
         for name in self.active:
-            if name in self.merged:
-                continue
-            unit = self.adapters[name]
-            if not unit.mergeable:
-                raise ModelError(f"adapter {name!r} ({type(unit).__name__}) cannot be merged")
-            unit.merge_into(self.base_layer)
+            if name not in self.merged and not self.adapters[name].mergeable:
+                raise ModelError(f"adapter {name!r} ({type(self.adapters[name]).__name__}) cannot be merged")
+
+    def merge(self, requantize: bool = False) -> list[str]:
+        """Fold the active, not yet merged units into the base weights; returns their names.
+
+        A 4-bit base is swapped for a dense copy of its dequantized weights first (the function
+        the units were trained against), and quantized again only with ``requantize``; the
+        original 4-bit module is kept aside so that ``unmerge`` restores it exactly.
+        """
+        from . import quant
+
+        self.mergeable_check()
+        pending = [n for n in self.active if n not in self.merged]
+        if not pending:
+            return []
+        if quant.is_quantized(self.base_layer):
+            self.__dict__["_quantized"] = self.base_layer  # not a submodule: no state_dict keys
+            self.base_layer = quant.dense_copy(self.base_layer)
+        for name in pending:
+            self.adapters[name].merge_into(self.base_layer)
             self.merged.append(name)
-            done.append(name)
+        original = self.__dict__.get("_quantized")
+        if requantize and original is not None:
+            self.base_layer = quant.quantized_copy(self.base_layer, original)
         self._refresh()
-        return done
+        return pending
 
     def unmerge(self) -> None:
+        original = self.__dict__.pop("_quantized", None)
+        if original is not None:  # the 4-bit original was never changed
+            self.base_layer = original
+            self.merged.clear()
         while self.merged:
             name = self.merged.pop()
             self.adapters[name].unmerge_from(self.base_layer)

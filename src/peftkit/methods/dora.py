@@ -17,12 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import quant
 from .lora import LoraLinear
 
 
 class DoraLinear(LoraLinear):
     def __init__(self, base: nn.Module, transposed: bool, **lora) -> None:
-        n_in, n_out = (base.weight.shape if transposed else base.weight.shape[::-1])
+        if isinstance(base, nn.Linear):  # also a 4-bit Linear, whose packed weight has another shape
+            n_in, n_out = base.in_features, base.out_features
+        else:
+            n_in, n_out = base.weight.shape  # Conv1D: (in, out)
         super().__init__(n_in, n_out, transposed, **lora)
         self.__dict__["_base"] = base  # a reference, not a submodule: no duplicate in state_dict
         self._merged_delta: torch.Tensor | None = None
@@ -32,6 +36,8 @@ class DoraLinear(LoraLinear):
 
     def _base_weight(self) -> torch.Tensor:
         """The frozen base weight as (out, in), in the adapter's dtype."""
+        if quant.is_quantized(self._base):
+            return quant.dequantized_weight(self._base).to(self.lora_A.dtype)
         w = self._base.weight
         return (w.t() if self.transposed else w).to(self.lora_A.dtype)
 

@@ -1,0 +1,142 @@
+"""QLoRA on the CPU: 4-bit NF4 bases (bitsandbytes), LoRA over them, merging with a report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftkit
+from peftkit import quant
+from peftkit.layer import AdapterLayer
+
+from conftest import BUILDERS, minilm, model_inputs, output_of, tiny_bert, tiny_llama
+
+pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def quantized(kind: str, **kwargs):
+    return peftkit.quantize(BUILDERS[kind](), **kwargs)
+
+
+def four_bit_layers(model):
+    return {n: m for n, m in model.named_modules() if quant.is_quantized(m)}
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_quantize_replaces_linear_layers_but_not_heads_or_embeddings(kind):
+    model = quantized(kind)
+    layers = four_bit_layers(model)
+    assert layers
+    assert not any(n.split(".")[-1] in ("lm_head", "classifier", "score") for n in layers)
+    assert not quant.is_quantized(model.get_input_embeddings())
+    for name, layer in layers.items():
+        x = torch.randn(3, layer.in_features)
+        expected = F.linear(x, quant.dequantized_weight(layer), layer.bias)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_quantize_skip_modules_and_bad_arguments():
+    model = peftkit.quantize(tiny_llama(), skip_modules=["down_proj"])
+    assert not any(n.endswith("down_proj") for n in four_bit_layers(model))
+    with pytest.raises(peftkit.ConfigError, match="bits"):
+        peftkit.quantize(tiny_llama(), bits=3)
+    with pytest.raises(peftkit.ConfigError, match="quant_type"):
+        peftkit.quantize(tiny_llama(), quant_type="int4")
+
+
+def test_minilm_stays_within_nf4_error_and_weights_take_about_half_a_byte():
+    inputs = model_inputs("minilm")
+    base = minilm()
+    reference = base.bert(**inputs).last_hidden_state
+    model = peftkit.quantize(minilm())
+    hidden = model.bert(**inputs).last_hidden_state
+    relative = (hidden - reference).norm() / reference.norm()
+    assert 0.01 < relative < 0.4, relative  # NF4 changes the function, but not beyond recognition
+    sizes = quant.weight_bytes(model)
+    params = sum(m.in_features * m.out_features for m in four_bit_layers(model).values())
+    assert sizes["quantized_bytes"] / params <= 0.53
+    assert sizes["dense_bytes"] >= 4 * sum(p.numel() for p in model.bert.embeddings.parameters())
+    peftkit.apply(model, peftkit.LoraConfig())
+    assert quant.weight_bytes(model) == sizes  # adapters are not the base
+
+
+def test_lora_over_a_4bit_base_trains_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = peftkit.quantize(tiny_llama())
+    peftkit.prepare_for_kbit_training(model, gradient_checkpointing=True)
+    peftkit.apply(model, peftkit.LoraConfig(r=4, target_modules="all-linear"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in peftkit.inject.adapter_parameters(model, "default")}
+    batch = model_inputs("llama", batch=4, length=8)
+    batch["labels"] = batch["input_ids"].clone()
+    with torch.no_grad():
+        before = model.eval()(**batch).loss.item()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    for _ in range(10):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model.eval()(**batch).loss.item()
+    assert after < before - 0.03, (before, after)
+    expected = output_of(model, model_inputs("llama"))
+    peftkit.save(model, tmp_path)
+    fresh = peftkit.load(peftkit.quantize(tiny_llama()), tmp_path)
+    torch.testing.assert_close(output_of(fresh, model_inputs("llama")), expected, rtol=0, atol=0)
+
+
+def test_an_adapter_trained_over_4bit_loads_in_hf_peft(tmp_path):
+    from peft import PeftModel
+
+    inputs = model_inputs("bert")
+    model = peftkit.quantize(tiny_bert())
+    peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False))
+    peftkit.save(model, tmp_path)
+    ours = peftkit.load(tiny_bert(), tmp_path)  # the same file over the float base
+    theirs = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    torch.testing.assert_close(output_of(theirs, inputs), output_of(ours, inputs), rtol=0, atol=1e-5)
+
+
+def test_merge_report_on_a_float_base_shows_an_exact_merge():
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False))
+    report = peftkit.merge(model)
+    assert report.merged == ["default"] and report.output.max_abs < 1e-4
+    assert set(report.layers) == set(peftkit.adapted_modules(model))
+    assert all(c.max_abs < 1e-4 for c in report.layers.values())
+    assert "max" in str(report)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_over_4bit_is_faithful_then_requantize_reports_its_error(use_dora):
+    inputs = model_inputs("llama")
+    model = peftkit.quantize(tiny_llama())
+    peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False, use_dora=use_dora))
+    originals = {n: m.base_layer for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    adapted = output_of(model, inputs)
+    dense = peftkit.merge(model)  # dequantized + delta, in the compute dtype
+    assert dense.output.max_abs < 1e-4
+    torch.testing.assert_close(output_of(model, inputs), adapted, rtol=0, atol=1e-4)
+    peftkit.unmerge(model)
+    assert all(m.base_layer is originals[n] for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+    torch.testing.assert_close(output_of(model, inputs), adapted, rtol=0, atol=0)
+    requantized = peftkit.merge(model, probe=inputs, requantize=True)
+    assert requantized.output.max_abs > 1e-4 and requantized.probe == "the given probe"
+    assert all(quant.is_quantized(m.base_layer) for m in model.modules() if isinstance(m, AdapterLayer))
+    peftkit.unmerge(model)
+    torch.testing.assert_close(output_of(model, inputs), adapted, rtol=0, atol=0)
+
+
+def test_unload_with_merge_over_4bit_gives_dense_merged_layers():
+    inputs = model_inputs("llama")
+    model = peftkit.quantize(tiny_llama())
+    peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False))
+    adapted = output_of(model, inputs)
+    peftkit.unload(model, merge=True)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert quant.is_quantized(model.model.layers[0].self_attn.k_proj)  # not adapted: stays 4-bit
+    torch.testing.assert_close(output_of(model, inputs), adapted, rtol=0, atol=1e-4)
