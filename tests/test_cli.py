@@ -412,3 +412,31 @@ def test_weight_methods(workdir, tiny_model, data_files, method, peft_type, merg
         assert merged.exit_code == 0, merged.output
     else:
         assert_clean_error(merged, "cannot be merged")
+
+
+def test_qlora_trains_over_a_4bit_base_and_merges_to_a_dense_model(workdir, tiny_model, data_files):
+    from transformers import AutoModelForSequenceClassification
+
+    out = workdir / "qlora"
+    result = invoke("train", "--method", "qlora", "--model", tiny_model, "--data", data_files[0],
+                    "--eval-data", data_files[1], "--max-steps", 2, "--batch-size", 4, "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "qlora" and summary["base_bytes"]["quantized_bytes"] > 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    got = json.loads(invoke("eval", "--adapter", out, "-q").stdout)  # evaluated over the 4-bit base again
+    assert got["accuracy"] == summary["eval"]["accuracy"]
+    assert got["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    merged_dir = workdir / "qlora-merged"
+    assert invoke("merge", "--adapter", out, "--out", merged_dir).exit_code == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    assert all(type(p).__name__ == "Parameter" for p in plain.parameters())  # dense, loadable without peftkit
+    ids = torch.tensor([[2, 5, 7, 3]])
+    adapted = peftkit.load(peftkit.quantize(AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=plain.config.num_labels, ignore_mismatched_sizes=True)), out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(input_ids=ids).logits, adapted(input_ids=ids).logits,
+                                   rtol=0, atol=1e-4)
+    bad = invoke("train", "--quantize", "int3", "--model", tiny_model, "--data", data_files[0],
+                 "--out", workdir / "never")
+    assert bad.exit_code != 0 and "int3" in bad.output and "Traceback" not in bad.output

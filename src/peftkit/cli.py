@@ -88,7 +88,7 @@ def _help(text: str, field: str) -> str:
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of each label's rows held out (chosen with --seed)]")
 @click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
-              "magnitude vector; ia3: (IA)³ scaling vectors; adapter: Houlsby bottleneck adapters; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
+              "magnitude vector; qlora: LoRA over a 4-bit NF4 base; ia3: (IA)³ scaling vectors; adapter: Houlsby bottleneck adapters; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
 @click.option("--virtual-tokens", type=int, help=_help("Virtual tokens (prompt, ptuning, prefix).", "virtual_tokens"))
 @click.option("--r", type=int, help=_help("LoRA rank.", "r"))
 @click.option("--alpha", type=float, help=_help("LoRA alpha (scaling = alpha / r).", "alpha"))
@@ -108,6 +108,8 @@ def _help(text: str, field: str) -> str:
 @click.option("--config", "config_file", type=str, help="YAML file of options (keys: the long flag names); "
               "flags given here override it.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="Store the base in 4 bits (bitsandbytes) "
+              "under any weight-side method.  [default: nf4 with --method qlora, else none]")
 @_common
 @_guarded
 def train(config_file: str | None, debug: bool, **flags: Any) -> None:
@@ -155,15 +157,17 @@ def eval_(model: str | None, adapter: str, data: str | None, batch_size: int | N
               "adapter was trained on]")
 @click.option("--adapter", required=True, help="An adapter directory or a run directory (holding adapter/).")
 @click.option("--out", required=True, help="Directory for the merged transformers model.")
+@click.option("--quantized", is_flag=True, help="The adapter was trained over a 4-bit NF4 base: merge into the "
+              "dequantized weights and write a dense model.  [default: as the run's options say]")
 @_common
 @_guarded
-def merge(model: str | None, adapter: str, out: str, quiet: bool, debug: bool) -> None:
+def merge(model: str | None, adapter: str, out: str, quantized: bool, quiet: bool, debug: bool) -> None:
     """Fold an adapter into its base model and save a plain transformers model directory."""
     from .train.classify import merge_adapter
     from .train.progress import Console
 
     console = Console(quiet=quiet)
-    out_dir = merge_adapter(adapter, model, out, console)
+    out_dir = merge_adapter(adapter, model, out, console, quantized)
     console.essential(f"merged model: {out_dir} (load it with AutoModelForSequenceClassification.from_pretrained)")
 
 

@@ -111,6 +111,15 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
     return model
 
 
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every 4-bit layer of ``model`` by its dense copy, in place; returns the model."""
+    from .state import replace_module
+
+    for name, module in [(n, m) for n, m in logical_modules(model) if n and is_quantized(m)]:
+        replace_module(model, name, dense_copy(module))
+    return model
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the base model's parameters held in 4-bit (with their scales) and in 16/32-bit
     (embeddings, norms, heads, skipped layers); adapters are not counted."""

@@ -24,7 +24,7 @@ from .data import (DEMO_EVAL, DEMO_TRAIN, HOLDOUT_FRACTION, LabelMap, TextClassi
 from .loop import LoopSettings, evaluate, seed_everything, train
 from .methods import build_config, describe
 from .models import BUILTIN, load_sequence_classifier, load_tokenizer, max_positions, resolve_device, resolve_model
-from .options import TrainOptions
+from .options import base_quant_type, TrainOptions
 from .progress import Console
 from .report import MetricsLog, plot_loss, write_json
 
@@ -90,6 +90,8 @@ def train_classifier(options: TrainOptions, console: Console) -> dict[str, Any]:
     splits = load_splits(options)
     seed_everything(options.seed)  # before the model: the new head's weights and LoRA's A draw from it
     model_path, model, tokenizer = _prepare_model(options.model, splits.labels, device, options.max_length)
+    if options.quant_type:
+        peftkit.quantize(model, quant_type=options.quant_type)
     config = build_config(options)
     peftkit.apply(model, config)
     params = peftkit.trainable_summary(model)
@@ -156,6 +158,7 @@ def train_classifier(options: TrainOptions, console: Console) -> dict[str, Any]:
         "total_params": params.total,
         "trainable_percent": params.percent,
         "adapter_bytes": adapter_bytes,
+        "base_bytes": peftkit.quant.weight_bytes(model),  # 4-bit (with scales) vs 16/32-bit
         "train_seconds": round(train_seconds, 3),
         "total_seconds": round(time.time() - started, 3),
         "method": options.method,
@@ -221,7 +224,7 @@ class Adapted:
     adapter_dir: Path
 
 
-def load_adapted(adapter: str, model: str | None, device: torch.device) -> Adapted:
+def load_adapted(adapter: str, model: str | None, device: torch.device, quantized: bool = False) -> Adapted:
     """The base model (``model``, else the one the adapter was trained on) with the adapter loaded."""
     adapter_dir = rundir.find_adapter_dir(adapter)
     peftkit.read_config(adapter_dir)  # a bad adapter is reported before the base is loaded
@@ -232,6 +235,10 @@ def load_adapted(adapter: str, model: str | None, device: torch.device) -> Adapt
         raise ConfigError(f"{adapter_dir}: no {rundir.ARGS_FILE} says which model it was trained on; pass --model")
     max_length = int(args.get("max_length") or TrainOptions.max_length)
     _, base, tokenizer = _prepare_model(model_name, labels, device, max_length)
+    run = args.get("options") if isinstance(args.get("options"), dict) else {}
+    quant_type = base_quant_type(run.get("method"), run.get("quantize")) or ("nf4" if quantized else None)
+    if quant_type:  # the function the adapter was trained against: the 4-bit base
+        peftkit.quantize(base, quant_type=quant_type)
     peftkit.load(base, adapter_dir)
     base.eval()
     return Adapted(base, tokenizer, labels, args, adapter_dir)
@@ -272,10 +279,16 @@ def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_si
         return evaluate(adapted.model, loader, device, progress=bar)
 
 
-def merge_adapter(adapter: str, model: str | None, out: str, console: Console) -> Path:
-    """Fold the adapter into its base and write a plain transformers model directory."""
-    adapted = load_adapted(adapter, model, torch.device("cpu"))
-    merged = peftkit.unload(adapted.model, merge=True)
+def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:
+    """Fold the adapter into its base and write a plain transformers model directory.
+
+    An adapter trained over a 4-bit base (the run's options say so, or ``quantized``) is merged
+    into the dequantized weights, the function it was trained against; every layer is written
+    dense (16/32-bit), with the merge's error reported."""
+    adapted = load_adapted(adapter, model, torch.device("cpu"), quantized)
+    report = peftkit.merge(adapted.model)
+    console.info(str(report))
+    merged = peftkit.quant.dequantize(peftkit.unload(adapted.model, merge=True))
     merged.config.id2label = dict(adapted.labels.id2label)
     merged.config.label2id = dict(adapted.labels.label2id)
     out_dir = Path(out)

@@ -64,7 +64,7 @@ def _input_method(make: Callable[[int], PeftConfig]) -> Callable[[TrainOptions],
 
 
 BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {
-    "lora": _lora, "dora": _dora, "ia3": _ia3, "adapter": _adapter,
+    "lora": _lora, "qlora": _lora, "dora": _dora, "ia3": _ia3, "adapter": _adapter,
     "prompt": _input_method(lambda n: PromptTuningConfig(num_virtual_tokens=n)),
     "ptuning": _input_method(lambda n: PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=128)),
     "prefix": _input_method(lambda n: PrefixTuningConfig(num_virtual_tokens=n)),

@@ -14,7 +14,8 @@ from typing import Any
 
 from .. import ConfigError
 
-METHODS = ("lora", "dora", "ia3", "adapter", "prompt", "ptuning", "prefix")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
+METHODS = ("lora", "dora", "qlora", "ia3", "adapter", "prompt", "ptuning", "prefix")
+QUANT_TYPES = ("nf4", "fp4")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
 # Defaults that differ per method, used where neither the file nor a flag sets the field: the
 # input methods train few parameters from an N(0, 1) start and need larger steps than LoRA.
 # (IA)³'s vectors are multiplicative scales and need larger steps too; bottleneck adapters act
@@ -22,6 +23,11 @@ METHODS = ("lora", "dora", "ia3", "adapter", "prompt", "ptuning", "prefix")  # a
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2},
                                               "ia3": {"lr": 1e-2}, "adapter": {"lr": 1e-3}}
 DEVICES = ("cpu", "cuda")
+
+
+def base_quant_type(method: str | None, quantize: str | None) -> str | None:
+    """The 4-bit format of the base, if any: ``--quantize``, or nf4 for ``--method qlora``."""
+    return quantize or ("nf4" if method == "qlora" else None)
 
 
 @dataclass
@@ -45,6 +51,7 @@ class TrainOptions:
     seed: int = 0
     out: str | None = None  # None: runs/<method>-<YYYYmmdd>-<HHMMSS>
     device: str | None = None  # None: cuda when available, else cpu
+    quantize: str | None = None  # nf4/fp4: a 4-bit base (qlora implies nf4)
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -75,8 +82,14 @@ class TrainOptions:
             fail("weight_decay", "a non-negative number", self.weight_decay)
         if self.method not in METHODS:
             fail("method", f"one of {', '.join(METHODS)}", self.method)
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            fail("quantize", f"one of {', '.join(QUANT_TYPES)}", self.quantize)
         if self.device is not None and self.device not in DEVICES:
             fail("device", f"one of {', '.join(DEVICES)}", self.device)
+
+    @property
+    def quant_type(self) -> str | None:
+        return base_quant_type(self.method, self.quantize)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +98,7 @@ class TrainOptions:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 _INT_FIELDS = {"r", "virtual_tokens", "epochs", "max_steps", "batch_size", "max_length", "seed"}
 _FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay"}
-_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device"}
+_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device", "quantize"}
 
 
 def key_to_field(key: str) -> str | None:
