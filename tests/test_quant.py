@@ -127,6 +127,11 @@ def test_merge_over_4bit_is_faithful_then_requantize_reports_its_error(use_dora)
     requantized = peftkit.merge(model, probe=inputs, requantize=True)
     assert requantized.output.max_abs > 1e-4 and requantized.probe == "the given probe"
     assert all(quant.is_quantized(m.base_layer) for m in model.modules() if isinstance(m, AdapterLayer))
+    merged_out = output_of(model, inputs)
+    with peftkit.disabled(model):  # unmerges meanwhile, then merges again the same way
+        output_of(model, inputs)
+    assert all(m.requantized for m in model.modules() if isinstance(m, AdapterLayer))
+    torch.testing.assert_close(output_of(model, inputs), merged_out, rtol=0, atol=0)
     peftkit.unmerge(model)
     torch.testing.assert_close(output_of(model, inputs), adapted, rtol=0, atol=0)
 

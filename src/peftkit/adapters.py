@@ -17,7 +17,6 @@ from typing import Any, Iterator
 import torch.nn as nn
 
 from . import registry
-from . import quant
 from .errors import ModelError
 from .merge_report import MergeReport, Probe, change, default_probe
 from .layer import AdapterLayer
@@ -60,8 +59,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged meanwhile)."""
     get_state(model)
     was_merged = is_merged(model)
-    requantize = any(h.__dict__.get("_quantized") is not None and h.base_layer is not h.__dict__["_quantized"]
-                     and quant.is_quantized(h.base_layer) for _, h in hosts(model) if isinstance(h, AdapterLayer))
+    requantize = any(h.requantized for _, h in hosts(model) if isinstance(h, AdapterLayer))
     if was_merged:
         unmerge(model)
     all_hosts = [h for _, h in hosts(model)]

@@ -191,6 +191,13 @@ class AdapterLayer(NamedAdapters):
         self._refresh()
         return pending
 
+    @property
+    def requantized(self) -> bool:
+        """Merged over a 4-bit base and quantized again (``merge(requantize=True)``)."""
+        from . import quant
+
+        return "_quantized" in self.__dict__ and quant.is_quantized(self.base_layer)
+
     def unmerge(self) -> None:
         original = self.__dict__.pop("_quantized", None)
         if original is not None:  # the 4-bit original was never changed
