@@ -278,6 +278,9 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
         n_in, n_out = module.weight.shape
         return LoraLinear(n_in, n_out, True, **common)
     if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ConfigError(f"LoRA cannot adapt {path!r}: a grouped Conv2d (groups={module.groups}, e.g. depthwise) "
+                              "is not supported; target the model's other layers")
         return LoraConv2d(module, **common)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module, **common)
@@ -288,13 +291,20 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
 
 
 # Defaults when target_modules is None, per transformers model_type (the attention query and
-# value projections, as in the LoRA paper).
+# value projections, as in the LoRA paper). ViT's are named query/value before transformers 5
+# and q_proj/v_proj from 5 on; a name that matches nothing is skipped. ConvNeXt has no
+# attention: its pointwise layers (Linear, most of its weights) and the dense Conv2d between
+# stages. Its depthwise 7x7 convs (dwconv) are left out: HF PEFT's layout for a grouped conv
+# needs r divisible by groups (= channels, 96..1536), which peftkit does not implement.
+_CONVNEXT = ["pwconv1", "pwconv2", "downsampling_layer.1"]
 DEFAULT_TARGETS = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
-    "vit": ["query", "value"],
+    "vit": ["query", "value", "q_proj", "v_proj"],
+    "convnext": _CONVNEXT,
+    "convnextv2": _CONVNEXT,
     "deberta-v2": ["query_proj", "value_proj"],
     "distilbert": ["q_lin", "v_lin"],
     "mpnet": ["q", "v"],
