@@ -1,0 +1,234 @@
+"""Image classification: transfer learning from a pretrained vision model on an image folder.
+
+``peftkit train --task image-classify --model DIR --data IMAGES/`` adapts a transformers image
+classifier (ViT, ConvNeXt, ...; ``AutoModelForImageClassification``) to the classes of
+``IMAGES/<label>/*`` (``image_data``). The pretrained head is replaced by a new one with one
+output per class, trained in full beside the adapter (``modules_to_save``); the backbone gets
+the adapter (LoRA's default targets: ViT's attention query/value, ConvNeXt's pointwise layers
+and the Conv2d between its stages).
+
+``evaluate_adapter`` and ``merge_adapter`` are what ``peftkit eval`` / ``peftkit merge`` call
+for a run of this task.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .. import ConfigError, ModelError
+from . import rundir
+from .adapted import load_adapted, merged_model, prepare_out_dir
+from .data import HOLDOUT_FRACTION, Example, LabelMap
+from .image_data import (PROCESSOR_FILE, ImageFolderSet, check_eval_labels, collate_images, label_map,
+                         make_preprocess, read_image_folder, split_folder)
+from .models import _dtype_kwargs, _first_line, resolve_model
+from .options import TrainOptions
+from .progress import Console
+from .report import write_json
+from .task import Task, TaskData
+
+HEAD = "classifier"  # the head of ViT, DeiT, BEiT, Swin, ConvNeXt(V2), ResNet, ... image classifiers
+
+
+class ImageClassifyTask(Task):
+    """``--task image-classify``: cross-entropy over the classes, accuracy as the metric."""
+
+    name = "image-classify"
+    peft_task_type = None  # HF PEFT has no task type for images
+    metric = "accuracy"
+    higher_is_better = True
+    modules_to_save = [HEAD]  # the new head (ViT and ConvNeXt both name it "classifier")
+
+    def __init__(self, options: TrainOptions) -> None:
+        super().__init__(options)
+        self.labels: LabelMap | None = None
+
+    def load_data(self) -> TaskData:
+        if not self.options.data:
+            raise ConfigError("--task image-classify: pass --data, a folder with one subfolder of images per class "
+                              "(DATA/<label>/*.png|jpg|jpeg|bmp|webp)")
+        model_path = resolve_model(self.options.model)
+        labels, train_ex, eval_ex, eval_source, ignored = image_splits(
+            self.options.data, self.options.eval_data, HOLDOUT_FRACTION, self.options.seed)
+        self.labels = labels
+        preprocess = make_preprocess(model_path)
+        train = ImageFolderSet(train_ex, labels, preprocess, self.options.data)
+        evaluation = ImageFolderSet(eval_ex, labels, preprocess, self.options.eval_data or self.options.data)
+        lines = [f"labels: {', '.join(labels.names)}", f"preprocessing: {preprocess.description}"]
+        if ignored:
+            lines.append(f"ignored: {ignored} file{'s' * (ignored != 1)} that are not images "
+                         "(.png, .jpg, .jpeg, .bmp, .webp)")
+        return TaskData(train=train, eval=evaluation, collate=collate_images, train_source=self.options.data,
+                        eval_source=eval_source, lines=lines)
+
+    def load_model(self, data: TaskData, device: torch.device) -> tuple[nn.Module, str]:
+        labels = data.train.labels if isinstance(data.train, ImageFolderSet) else self.labels
+        path = resolve_model(self.options.model)
+        return load_image_classifier(path, labels, device), path
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
+        return classification_sums(model, batch, keep)
+
+    def finish_eval(self, sums: dict[str, float]) -> dict[str, Any]:
+        return accuracy_metrics(sums)
+
+    def save_files(self, adapter_dir: Path, data: TaskData) -> None:
+        labels = data.train.labels if isinstance(data.train, ImageFolderSet) else self.labels
+        write_json(Path(adapter_dir) / rundir.LABELS_FILE, labels.to_json())
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def image_splits(data: str, eval_data: str | None, fraction: float, seed: int
+                 ) -> tuple[LabelMap, list[Example], list[Example], str, int]:
+    """Labels, training and evaluation examples, the evaluation data's description, and the
+    number of ignored files. Without ``eval_data``, ``fraction`` of each class is held out of
+    ``data`` with ``seed``."""
+    train_folder = read_image_folder(data, "--data image folder")
+    labels = label_map(train_folder)
+    if eval_data:
+        eval_folder = read_image_folder(eval_data, "--eval-data image folder")
+        check_eval_labels(eval_folder, labels, f"the training folder {data}")
+        return labels, train_folder.examples(), eval_folder.examples(), eval_data, \
+            train_folder.ignored + eval_folder.ignored
+    train_ex, eval_ex = split_folder(train_folder, fraction, seed)
+    return labels, train_ex, eval_ex, f"{data} (held-out {fraction:.0%})", train_folder.ignored
+
+
+# -- model --------------------------------------------------------------------------------
+
+
+def load_image_classifier(path: str, labels: LabelMap, device: torch.device) -> nn.Module:
+    """``AutoModelForImageClassification`` with one output per label, in float32, on ``device``.
+
+    A head of another size in the checkpoint is replaced by a new one (it is trained anyway).
+    """
+    from transformers import AutoModelForImageClassification
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=labels.id2label, label2id=labels.label2id,
+            ignore_mismatched_sizes=True, **_dtype_kwargs(),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot load an image classification model: {_first_line(exc)}") from None
+    channels = getattr(model.config, "num_channels", 3)
+    if channels != 3:
+        raise ModelError(f"{path}: the model takes {channels}-channel images; image folders are read as RGB (3)")
+    return model.to(device)
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+def classification_sums(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
+    """``{"correct", "loss_sum", "n"}`` over the examples of ``batch`` where ``keep`` is true.
+
+    ``batch``: the model's inputs (``pixel_values`` (B, 3, H, W)) and ``labels`` (B,);
+    ``keep``: (B,) bool.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()  # (B, K)
+        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+        keep = keep.to(device=labels.device, dtype=torch.bool)
+        correct = (logits.argmax(dim=-1) == labels) & keep  # (B,)
+    return {"correct": float(correct.sum()), "loss_sum": float(losses[keep].sum()), "n": float(keep.sum())}
+
+
+def accuracy_metrics(sums: dict[str, float]) -> dict[str, Any]:
+    """``{"accuracy", "loss", "n"}`` from the totals of ``classification_sums``."""
+    n = int(sums["n"])
+    return {"accuracy": sums["correct"] / n if n else 0.0, "loss": sums["loss_sum"] / n if n else float("nan"), "n": n}
+
+
+# -- using a trained adapter --------------------------------------------------------------
+
+
+def _build(device: torch.device):
+    """``load_adapted``'s builder: the base classifier with the run's labels (``labels.json``)."""
+    def build(model_path: str, adapter_dir: Path, args: dict[str, Any]) -> nn.Module:
+        return load_image_classifier(model_path, LabelMap.read(adapter_dir / rundir.LABELS_FILE), device)
+    return build
+
+
+def eval_folder_of(args: dict[str, Any], data: str | None) -> tuple[str, bool]:
+    """The image folder to evaluate on and whether to take the held-out part of it: ``data``
+    when given, else the run's ``--eval-data``, else the part held out of its ``--data``."""
+    if data:
+        return data, False
+    if args.get("eval_data"):
+        return str(args["eval_data"]), False
+    if args.get("data"):
+        return str(args["data"]), True
+    raise ConfigError("the adapter has no train_args.json naming its evaluation data; pass --data")
+
+
+def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
+                     device: torch.device, console: Console) -> dict[str, Any]:
+    """``{"accuracy", "loss", "n"}`` of an adapter on an image folder, preprocessed as in training.
+
+    Without ``data``: the run's evaluation images (its ``--eval-data``, or the same part of its
+    ``--data`` held out with the run's seed and fraction)."""
+    adapted = load_adapted(adapter, model, device, _build(device))
+    labels = LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE)
+    path, held_out = eval_folder_of(adapted.args, data)
+    folder = read_image_folder(path, "--data image folder" if data else "the run's evaluation folder")
+    if held_out:
+        fraction = float(adapted.args.get("holdout_fraction", HOLDOUT_FRACTION))
+        _, examples = split_folder(folder, fraction, int(adapted.args.get("seed", 0)))
+    else:
+        check_eval_labels(folder, labels, f"the adapter's {rundir.LABELS_FILE}")
+        examples = folder.examples()
+    preprocess = make_preprocess(adapted.model_path)
+    dataset = ImageFolderSet(examples, labels, preprocess, path)
+    size = batch_size or int(adapted.args.get("batch_size") or TrainOptions.batch_size)
+    loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate_images)
+    console.info(f"evaluating {adapted.adapter_dir} on {len(dataset)} images from {path}"
+                 + (" (held-out part)" if held_out else ""))
+    return _evaluate(adapted.model, loader, device, console)
+
+
+def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, console: Console) -> dict[str, Any]:
+    totals = {"correct": 0.0, "loss_sum": 0.0, "n": 0.0}
+    model.eval()
+    with console.progress(len(loader), "eval", lines=False) as bar:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            keep = torch.ones(batch["labels"].shape[0], dtype=torch.bool, device=device)  # (B,)
+            for key, value in classification_sums(model, batch, keep).items():
+                totals[key] += value
+            bar.update()
+    return accuracy_metrics(totals)
+
+
+def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:
+    """Fold the adapter (and its trained head) into the base; write an image classifier directory.
+
+    The directory loads with ``AutoModelForImageClassification.from_pretrained`` (labels in its
+    config) and holds the base's image processor when the base has one."""
+    adapted = load_adapted(adapter, model, torch.device("cpu"), _build(torch.device("cpu")), quantized)
+    labels = LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE)
+    merged = merged_model(adapted, console)
+    merged.config.id2label = labels.id2label
+    merged.config.label2id = labels.label2id
+    out_dir = prepare_out_dir(out)
+    merged.save_pretrained(out_dir)
+    processor = Path(adapted.model_path) / PROCESSOR_FILE
+    if processor.is_file():
+        shutil.copyfile(processor, out_dir / PROCESSOR_FILE)
+    console.info(f"merged {adapted.adapter_dir} into {adapted.model_path}")
+    return out_dir
+
+
+__all__ = ["ImageClassifyTask", "evaluate_adapter", "merge_adapter", "load_image_classifier", "image_splits",
+           "classification_sums", "accuracy_metrics"]
