@@ -452,3 +452,94 @@ def test_read_prompts(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+# -- the commands -------------------------------------------------------------------------
+
+NUMBERS = ["two", "three", "four", "five", "six", "seven"]
+
+
+def _sums(start: int, stop: int) -> list[dict]:
+    lines = []
+    for i, a in enumerate(NUMBERS[start:stop]):
+        for b in NUMBERS:
+            if i % 2:
+                lines.append({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
+                                           {"role": "assistant", "content": "yes the answer is fine"}]})
+            else:
+                lines.append({"prompt": f"what is {a} plus {b} ?", "response": "yes the answer is fine"})
+    return lines
+
+
+@pytest.fixture(scope="module")
+def cli_run(dirs, tmp_path_factory) -> dict[str, str]:
+    from click.testing import CliRunner
+
+    from peftkit.cli import cli
+
+    work = tmp_path_factory.mktemp("lm_cli")
+    train = _write(work / "train.jsonl", _sums(0, 4) + [{"text": "the cat sat on the mat"}])
+    evaluation = _write(work / "eval.jsonl", _sums(4, 6))
+    out = work / "run"
+    result = CliRunner().invoke(cli, ["train", "--task", "causal-lm", "--model", dirs["llama"], "--data", train,
+                                      "--eval-data", evaluation, "--max-steps", "6", "--batch-size", "8",
+                                      "--lr", "2e-2", "--packing", "--max-length", "32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return {"out": str(out), "output": result.output, "eval": evaluation, "train": train, "work": str(work)}
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from peftkit.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_train_causal_lm_lowers_the_eval_loss(cli_run):
+    summary = json.loads((Path(cli_run["out"]) / "summary.json").read_text())
+    assert summary["eval"]["loss"] < summary["eval_before"]["loss"] - 0.1, cli_run["output"]
+    assert {"perplexity", "tokens", "n"} <= set(summary["eval"]) and summary["eval"]["n"] == 12
+    args = json.loads((Path(cli_run["out"]) / "adapter" / "train_args.json").read_text())
+    assert args["task"] == "causal-lm"
+    assert json.loads((Path(cli_run["out"]) / "adapter" / "adapter_config.json").read_text())["task_type"] == \
+        "CAUSAL_LM"
+
+
+def test_eval_merge_and_generate_on_the_run(cli_run, dirs):
+    summary = json.loads((Path(cli_run["out"]) / "summary.json").read_text())
+    result = _invoke("eval", "--adapter", cli_run["out"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-4) and metrics["n"] == 12
+
+    merged = Path(cli_run["work"]) / "merged"
+    result = _invoke("merge", "--adapter", cli_run["out"], "--out", merged)
+    assert result.exit_code == 0, result.output
+    assert "AutoModelForCausalLM" in result.output
+    model = load_causal_lm(str(merged), torch.device("cpu"))
+    batch = LMCollate(0)([r for r in build_dataset(read_lm_examples(cli_run["eval"]), load_tokenizer(str(merged)),
+                                                   32, "e", False)[0].rows])
+    sums = token_loss_sums(model, batch, torch.ones(batch["labels"].shape[0], dtype=torch.bool))
+    assert loss_metrics(sums)["loss"] == pytest.approx(metrics["loss"], rel=1e-4)
+
+    prompts = _write(Path(cli_run["work"]) / "prompts.jsonl", [{"prompt": "what is two plus six ?"}, {"prompt": "hi"}])
+    result = _invoke("generate", "--adapter", cli_run["out"], "--prompts", prompts, "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.stdout.strip().splitlines()]
+    assert [x["prompt"] for x in lines] == ["what is two plus six ?", "hi"]
+    taught = set("yes the answer is fine".split())  # the responses' words: what the run taught it
+    assert lines[0]["completion"] and set(lines[0]["completion"].split()) <= taught, lines
+    again = _invoke("generate", "--adapter", cli_run["out"], "--prompt", "what is two plus six ?", "--prompt", "hi",
+                    "--max-new-tokens", 5)
+    assert [json.loads(x) for x in again.stdout.strip().splitlines()] == lines
+
+
+def test_generate_command_errors(cli_run, tmp_path):
+    result = _invoke("generate", "--adapter", cli_run["out"])
+    assert result.exit_code != 0 and "--prompt TEXT" in result.output
+    bad = _write(tmp_path / "p.jsonl", [{"text": "x"}])
+    result = _invoke("generate", "--adapter", cli_run["out"], "--prompts", bad)
+    assert result.exit_code == 1 and "p.jsonl line 1: expected" in result.output
+    result = _invoke("generate", "--adapter", cli_run["out"], "--prompt", "hi", "--top-p", "0")
+    assert result.exit_code == 1 and "--top-p" in result.output

@@ -32,6 +32,7 @@ from .progress import Console
 from .task import Task, TaskData
 
 INPUT_METHODS = ("prompt", "ptuning", "prefix")
+AUTO_CLASS = "AutoModelForCausalLM"  # what a merged model directory loads with
 
 
 # -- model --------------------------------------------------------------------------------
