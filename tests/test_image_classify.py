@@ -254,7 +254,7 @@ def test_task_without_data_or_with_a_text_model(tmp_path, images):
                                              intermediate_size=32)).save_pretrained(bert)
     task = _task(str(bert), images)
     data = task.load_data()
-    with pytest.raises(ModelError, match=f"{bert}: cannot load an image classification model"):
+    with pytest.raises(ModelError, match=f"{bert}: a .bert. model is not an image classifier"):
         task.load_model(data, torch.device("cpu"))
 
 
@@ -362,3 +362,91 @@ def test_hf_peft_loads_the_image_adapter_with_equal_logits(which, tiny_vit, tiny
 def test_example_paths_are_kept(images):
     folder = read_image_folder(images)
     assert all(isinstance(e, Example) and os.path.isfile(e.text) for e in folder.examples())
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from peftkit.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def vit_run(workdir, tiny_vit, images) -> Path:
+    """One short LoRA run on the tiny ViT, the task inferred from the folder; shared by the tests below."""
+    out = workdir / "vit-run"
+    _cli("train", "--model", tiny_vit, "--data", str(images), "--max-steps", "12", "--batch-size", "8",
+         "--lr", "1e-2", "--out", str(out), "--quiet")
+    return out
+
+
+def test_train_raises_accuracy_on_the_held_out_images(vit_run):
+    summary = json.loads((vit_run / "summary.json").read_text())
+    assert summary["eval_before"]["n"] == summary["eval"]["n"] == 6
+    assert summary["eval"]["accuracy"] >= 0.8 > summary["eval_before"]["accuracy"]
+    assert summary["eval"]["loss"] < summary["eval_before"]["loss"]
+    args = json.loads((vit_run / "adapter" / "train_args.json").read_text())
+    assert args["task"] == "image-classify"
+    assert json.loads((vit_run / "adapter" / "labels.json").read_text())["id2label"] == {
+        "0": "blue", "1": "green", "2": "red"}
+    config = json.loads((vit_run / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+
+
+def test_eval_agrees_with_the_run_and_takes_other_folders(vit_run, eval_images):
+    summary = json.loads((vit_run / "summary.json").read_text())
+    held_out = json.loads(_cli("eval", "--adapter", str(vit_run), "--quiet").output)
+    assert held_out["n"] == summary["eval"]["n"] and held_out["accuracy"] == summary["eval"]["accuracy"]
+    assert held_out["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    other = json.loads(_cli("eval", "--adapter", str(vit_run), "--data", str(eval_images), "--quiet").output)
+    assert other["n"] == 12 and other["accuracy"] >= 0.8
+
+
+def test_merge_writes_an_image_classifier_with_the_adapters_outputs(vit_run, tiny_vit, images, workdir):
+    from transformers import AutoModelForImageClassification
+
+    from peftkit.train.adapted import load_adapted
+    from peftkit.train.image_classify import _build
+
+    out = workdir / "vit-merged"
+    _cli("merge", "--adapter", str(vit_run), "--out", str(out), "--quiet")
+    assert (out / "preprocessor_config.json").is_file()
+    merged = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert merged.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    cpu = torch.device("cpu")
+    adapted = load_adapted(str(vit_run), None, cpu, _build(cpu)).model
+    data = _task(tiny_vit, images).load_data()
+    batch = data.collate([data.eval[i] for i in range(len(data.eval))])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=batch["pixel_values"]).logits,
+                                   adapted(pixel_values=batch["pixel_values"]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_convnext_run_with_an_eval_folder(workdir, tiny_convnext, images, eval_images):
+    out = workdir / "convnext-run"
+    _cli("train", "--task", "image-classify", "--model", tiny_convnext, "--data", str(images),
+         "--eval-data", str(eval_images), "--max-steps", "3", "--batch-size", "10", "--out", str(out), "--quiet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["n"] == 12
+    result = json.loads(_cli("eval", "--adapter", str(out), "--quiet").output)
+    assert result["n"] == 12 and result["accuracy"] == summary["eval"]["accuracy"]
+    _cli("merge", "--adapter", str(out), "--out", str(workdir / "convnext-merged"), "--quiet")
+    assert not (workdir / "convnext-merged" / "preprocessor_config.json").exists()  # the base has none
+
+
+def test_cli_data_error_is_one_clear_line(tmp_path, tiny_vit):
+    from click.testing import CliRunner
+
+    from peftkit.cli import cli
+
+    root = make_folder(tmp_path / "data", 2)
+    where = _garbage_png(root)
+    result = CliRunner().invoke(cli, ["train", "--task", "image-classify", "--model", tiny_vit, "--data", str(root),
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and where in result.output and "Traceback" not in result.output

@@ -34,6 +34,7 @@ from .progress import Console
 from .report import write_json
 from .task import Task, TaskData
 
+AUTO_CLASS = "AutoModelForImageClassification"  # what loads a merged model (peftkit merge says so)
 HEAD = "classifier"  # the head of ViT, DeiT, BEiT, Swin, ConvNeXt(V2), ResNet, ... image classifiers
 
 
@@ -111,9 +112,14 @@ def load_image_classifier(path: str, labels: LabelMap, device: torch.device) -> 
 
     A head of another size in the checkpoint is replaced by a new one (it is trained anyway).
     """
-    from transformers import AutoModelForImageClassification
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     try:
+        config = AutoConfig.from_pretrained(path)
+        if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+            raise ModelError(f"{path}: a {config.model_type!r} model is not an image classifier; pass --model with "
+                             "an AutoModelForImageClassification model directory (ViT, ConvNeXt, Swin, ...)")
         model = AutoModelForImageClassification.from_pretrained(
             path, num_labels=len(labels), id2label=labels.id2label, label2id=labels.label2id,
             ignore_mismatched_sizes=True, **_dtype_kwargs(),
