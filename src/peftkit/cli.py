@@ -185,6 +185,47 @@ def info(directory: str, debug: bool) -> None:
         click.echo(f"{label + ':':<{width + 1}} {value}")
 
 
+@cli.command()
+@click.option("--model", help="The base model: a local directory.  [default: the one the adapter was trained on]")
+@click.option("--adapter", required=True, help="A causal-LM adapter directory or a run directory (holding adapter/).")
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeat for several).")
+@click.option("--prompts", "prompts_file", help="A file of prompts: JSONL with {\"prompt\": ...} per line, or "
+              "plain text with one prompt per line.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--sample", is_flag=True, help="Sample (with --temperature, --top-p, --top-k, --seed) instead of "
+              "greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling: keep this much "
+              "probability mass.")
+@click.option("--top-k", type=int, default=50, show_default=True, help="Sample among the k likeliest tokens (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@click.option("--chat", is_flag=True, help="Render each prompt as one user message in the chat format `messages` "
+              "data trains with (the tokenizer's chat template, else peftkit's fallback format).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per generate call "
+              "(left-padded).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
+@_common
+@_guarded
+def generate(model: str | None, adapter: str, prompt_texts: tuple[str, ...], prompts_file: str | None,
+             max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int, seed: int, chat: bool,
+             batch_size: int, device: str | None, quiet: bool, debug: bool) -> None:
+    """Complete prompts with a causal LM and its adapter; prints one JSON line per prompt:
+    {"prompt", "completion"} (progress goes to stderr). Greedy unless --sample."""
+    from .train.generate import generate as run_generate, read_prompts
+    from .train.models import resolve_device
+    from .train.progress import Console
+
+    if bool(prompt_texts) == bool(prompts_file):
+        raise click.UsageError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both")
+    prompts = list(prompt_texts) if prompt_texts else read_prompts(prompts_file)
+    results = run_generate(model, adapter, prompts, max_new_tokens=max_new_tokens, do_sample=sample,
+                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                           device=resolve_device(device), console=Console(quiet=quiet, to_stderr=True), chat=chat,
+                           batch_size=batch_size)
+    for result in results:
+        click.echo(json.dumps(result, ensure_ascii=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="peftkit")
 
