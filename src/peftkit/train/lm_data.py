@@ -179,18 +179,6 @@ def _messages(where: str, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def is_lm_file(path: str | os.PathLike) -> bool:
-    """Whether the first example of a file is in a causal-LM form (for choosing ``--task``):
-    a JSON object with 'prompt', 'messages', or 'text' and no 'label'."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            first = next((raw for raw in f if raw.strip()), "")
-        obj = json.loads(first)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(obj, dict) and "label" not in obj and any(k in obj for k in ("prompt", "messages", "text"))
-
-
 # -- hold-out split -----------------------------------------------------------------------
 
 
