@@ -450,3 +450,13 @@ def test_cli_data_error_is_one_clear_line(tmp_path, tiny_vit):
     result = CliRunner().invoke(cli, ["train", "--task", "image-classify", "--model", tiny_vit, "--data", str(root),
                                       "--out", str(tmp_path / "run")])
     assert result.exit_code != 0 and where in result.output and "Traceback" not in result.output
+
+
+def test_eval_on_a_folder_with_an_unknown_class(tmp_path, vit_run):
+    from click.testing import CliRunner
+
+    from peftkit.cli import cli
+
+    root = make_folder(tmp_path / "eval", 1, classes={"red": (200, 0, 0), "yellow": (200, 200, 0)})
+    result = CliRunner().invoke(cli, ["eval", "--adapter", str(vit_run), "--data", str(root)])
+    assert result.exit_code != 0 and "'yellow' is not a class of the adapter's labels.json" in result.output

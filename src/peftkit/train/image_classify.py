@@ -47,10 +47,6 @@ class ImageClassifyTask(Task):
     higher_is_better = True
     modules_to_save = [HEAD]  # the new head (ViT and ConvNeXt both name it "classifier")
 
-    def __init__(self, options: TrainOptions) -> None:
-        super().__init__(options)
-        self.labels: LabelMap | None = None
-
     def load_data(self) -> TaskData:
         if not self.options.data:
             raise ConfigError("--task image-classify: pass --data, a folder with one subfolder of images per class "
@@ -58,7 +54,6 @@ class ImageClassifyTask(Task):
         model_path = resolve_model(self.options.model)
         labels, train_ex, eval_ex, eval_source, ignored = image_splits(
             self.options.data, self.options.eval_data, HOLDOUT_FRACTION, self.options.seed)
-        self.labels = labels
         preprocess = make_preprocess(model_path)
         train = ImageFolderSet(train_ex, labels, preprocess, self.options.data)
         evaluation = ImageFolderSet(eval_ex, labels, preprocess, self.options.eval_data or self.options.data)
@@ -70,9 +65,8 @@ class ImageClassifyTask(Task):
                         eval_source=eval_source, lines=lines)
 
     def load_model(self, data: TaskData, device: torch.device) -> tuple[nn.Module, str]:
-        labels = data.train.labels if isinstance(data.train, ImageFolderSet) else self.labels
         path = resolve_model(self.options.model)
-        return load_image_classifier(path, labels, device), path
+        return load_image_classifier(path, _labels_of(data), device), path
 
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
         return classification_sums(model, batch, keep)
@@ -81,8 +75,14 @@ class ImageClassifyTask(Task):
         return accuracy_metrics(sums)
 
     def save_files(self, adapter_dir: Path, data: TaskData) -> None:
-        labels = data.train.labels if isinstance(data.train, ImageFolderSet) else self.labels
-        write_json(Path(adapter_dir) / rundir.LABELS_FILE, labels.to_json())
+        write_json(Path(adapter_dir) / rundir.LABELS_FILE, _labels_of(data).to_json())
+
+
+def _labels_of(data: TaskData) -> LabelMap:
+    """The run's labels: the training set's (``load_data`` made it an ``ImageFolderSet``)."""
+    if not isinstance(data.train, ImageFolderSet):
+        raise TypeError(f"image-classify: expected the TaskData of its load_data, found {type(data.train).__name__}")
+    return data.train.labels
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ def image_splits(data: str, eval_data: str | None, fraction: float, seed: int
     if eval_data:
         eval_folder = read_image_folder(eval_data, "--eval-data image folder")
         check_eval_labels(eval_folder, labels, f"the training folder {data}")
-        return labels, train_folder.examples(), eval_folder.examples(), eval_data, \
-            train_folder.ignored + eval_folder.ignored
+        ignored = train_folder.ignored + eval_folder.ignored
+        return labels, train_folder.examples(), eval_folder.examples(), eval_data, ignored
     train_ex, eval_ex = split_folder(train_folder, fraction, seed)
     return labels, train_ex, eval_ex, f"{data} (held-out {fraction:.0%})", train_folder.ignored
 

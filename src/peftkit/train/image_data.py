@@ -148,13 +148,14 @@ def label_map(folder: ImageFolder) -> LabelMap:
     return LabelMap.from_examples(folder.examples(), folder.root)
 
 
-def check_eval_labels(evaluation: ImageFolder, labels: LabelMap, train_root: str) -> None:
-    """Every class folder of the evaluation folder must be a class of the training folder."""
+def check_eval_labels(evaluation: ImageFolder, labels: LabelMap, known_from: str) -> None:
+    """Every class folder of the evaluation folder must be a known class (``known_from`` says
+    where the known classes come from: the training folder, the adapter's labels.json)."""
     unknown = [label for label in evaluation.labels if label not in labels.label2id]
     if unknown:
         names = ", ".join(repr(u) for u in unknown)
         raise DataError(f"{evaluation.root}: class folder{'s' * (len(unknown) > 1)} {names} "
-                        f"{'are' if len(unknown) > 1 else 'is'} not in the training folder {train_root} "
+                        f"{'are' if len(unknown) > 1 else 'is'} not a class of {known_from} "
                         f"(its classes: {', '.join(repr(n) for n in labels.names)})")
 
 
