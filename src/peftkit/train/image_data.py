@@ -119,6 +119,8 @@ def check_image(path: str) -> None:
             width, height = image.size
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large: {exc}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read image: {exc}") from None
     if width < 1 or height < 1:
@@ -133,7 +135,7 @@ def load_rgb(path: str):
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for truncated/corrupt data
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated/corrupt data
         raise DataError(f"{path}: cannot decode image (corrupt or truncated?): {exc}") from None
 
 
