@@ -21,7 +21,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import PeftkitError
-from .train.options import FIELDS, METHOD_DEFAULTS, METHODS
+from .train.options import FIELDS, METHOD_DEFAULTS, METHODS, SCHEDULERS, TASKS
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -83,8 +83,9 @@ def _help(text: str, field: str) -> str:
 
 @cli.command()
 @click.option("--model", help=_help("A local transformers model directory, or 'minilm' (bundled).", "model"))
-@click.option("--data", help="Training data: CSV/TSV with a header, or JSONL; columns text (or sentence) "
-              "and label.  [default: the bundled demo set]")
+@click.option("--data", help="Training data: classify: CSV/TSV with a header, or JSONL, with text (or sentence; "
+              "plus text_pair for pairs) and label; causal-lm: JSONL with prompt+response, messages or text; "
+              "image-classify: a folder of class folders.  [default: the bundled demo set]")
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of each label's rows held out (chosen with --seed)]")
 @click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
@@ -110,23 +111,79 @@ def _help(text: str, field: str) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
 @click.option("--quantize", type=click.Choice(["nf4", "fp4"]), help="Store the base in 4 bits (bitsandbytes) "
               "under any weight-side method.  [default: nf4 with --method qlora, else none]")
+@click.option("--task", type=click.Choice(TASKS), help="What to train for.  [default: from the data: a 'label' "
+              "column -> classify; prompt/response, messages or text -> causal-lm; a folder of class folders -> "
+              "image-classify]")
+@click.option("--packing/--no-packing", default=None, help="causal-lm: pack short examples into full sequences "
+              "(attention stays within each example).  [default: off]")
+@click.option("--gradient-checkpointing", is_flag=True, default=None,
+              help="Recompute activations in the backward pass: less memory, about 30% more compute.")
+@click.option("--grad-accum", type=int, help=_help("Micro-batches accumulated into one optimizer step.", "grad_accum"))
+@click.option("--bf16", is_flag=True, default=None, help="bfloat16 autocast (mixed precision).  [default: float32]")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), help=_help("Learning-rate schedule after warmup.", "scheduler"))
+@click.option("--max-grad-norm", type=float, help=_help("Gradient clipping (0: none).", "max_grad_norm"))
+@click.option("--eval-steps", type=int, help="Evaluate every N steps.  [default: after every epoch]")
+@click.option("--save-steps", type=int, help="Write a checkpoint (OUT/checkpoints/step-N) every N steps.  "
+              "[default: none]")
+@click.option("--keep-best", is_flag=True, default=None, help="adapter/ holds the best evaluated adapter, not the last.")
+@click.option("--early-stopping", type=int, help="Stop after N evaluations without improvement.")
+@click.option("--nproc", type=int, help="Train data-parallel in N processes on this machine (torchrun, DDP).  "
+              "[default: 1]")
+@click.option("--fsdp", is_flag=True, default=None, help="Shard the model across the processes (FSDP).")
+@click.option("--tensorboard", is_flag=True, default=None, help="Also log to OUT/tensorboard.")
+@click.option("--resume", "resume_dir", help="Continue the run in this directory from its latest checkpoint, "
+              "with its saved options.")
 @_common
 @_guarded
-def train(config_file: str | None, debug: bool, **flags: Any) -> None:
-    """Train an adapter for text classification and evaluate it before and after.
+def train(config_file: str | None, resume_dir: str | None, debug: bool, **flags: Any) -> None:
+    """Train an adapter and evaluate it before and after.
 
-    With no arguments: LoRA on the bundled MiniLM and demo data.
+    With no arguments: LoRA on the bundled MiniLM and demo data (text classification).
     """
-    from .train.classify import train_classifier
+    from .train.distributed import launch, under_torchrun
+    from .train.engine import read_run_options, run_training
     from .train.options import build_options, read_yaml
     from .train.progress import Console
 
     ctx = click.get_current_context()
     given = {name: value for name, value in flags.items()
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-    file_values = read_yaml(config_file) if config_file else {}
-    options = build_options(file_values, given, source=config_file or "")
-    train_classifier(options, Console(quiet=options.quiet))
+    if resume_dir is not None:
+        extra = sorted(set(given) - RESUME_FLAGS) + (["config"] if config_file else [])
+        if extra:
+            raise click.UsageError(f"--resume continues a run with its saved options; drop "
+                                   f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
+        options = read_run_options(resume_dir)
+        options.quiet = bool(given.get("quiet", options.quiet))
+        options.nproc = given.get("nproc") or options.nproc
+        options.device = given.get("device") or options.device
+    else:
+        file_values = read_yaml(config_file) if config_file else {}
+        options = build_options(file_values, given, source=config_file or "")
+    if options.nproc > 1 and not under_torchrun():
+        args = ["train", "--resume", resume_dir] if resume_dir else ["train", "--config", _launch_config(options)]
+        status = launch(options.nproc, args + (["--quiet"] if options.quiet else []) + (["--debug"] if debug else []))
+        if status != 0:
+            raise click.ClickException(f"training in {options.nproc} processes failed (exit status {status})")
+        return
+    run_training(options, Console(quiet=options.quiet), resume=resume_dir is not None)
+
+
+RESUME_FLAGS = {"quiet", "nproc", "device"}
+
+
+def _launch_config(options: Any) -> str:
+    """The options as a YAML file for the processes torchrun starts (kept in the run directory)."""
+    import yaml
+
+    from .train.rundir import default_out
+
+    options.out = options.out or default_out(options.method)
+    os.makedirs(options.out, exist_ok=True)
+    path = os.path.join(options.out, "launch.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(options.to_dict(), f, sort_keys=False)
+    return path
 
 
 @cli.command("eval")
@@ -140,15 +197,15 @@ def train(config_file: str | None, debug: bool, **flags: Any) -> None:
 @_guarded
 def eval_(model: str | None, adapter: str, data: str | None, batch_size: int | None, device: str | None,
           quiet: bool, debug: bool) -> None:
-    """Evaluate a trained adapter; prints one JSON line: {"accuracy", "loss", "n"}."""
-    from .train.classify import evaluate_adapter
+    """Evaluate a trained adapter; prints one JSON line of metrics (classify, image-classify:
+    {"accuracy", "loss", "n"}; causal-lm: {"loss", "perplexity", "tokens", "n"})."""
     from .train.models import resolve_device
     from .train.progress import Console
 
     if batch_size is not None and batch_size < 1:
         raise click.BadParameter(f"expected a positive integer, found {batch_size}", param_hint="--batch-size")
-    result = evaluate_adapter(adapter, model, data, batch_size, resolve_device(device),
-                              Console(quiet=quiet, to_stderr=True))
+    result = _task_module(adapter).evaluate_adapter(adapter, model, data, batch_size, resolve_device(device),
+                                                    Console(quiet=quiet, to_stderr=True))
     click.echo(json.dumps(result))
 
 
@@ -163,12 +220,25 @@ def eval_(model: str | None, adapter: str, data: str | None, batch_size: int | N
 @_guarded
 def merge(model: str | None, adapter: str, out: str, quantized: bool, quiet: bool, debug: bool) -> None:
     """Fold an adapter into its base model and save a plain transformers model directory."""
-    from .train.classify import merge_adapter
     from .train.progress import Console
 
     console = Console(quiet=quiet)
-    out_dir = merge_adapter(adapter, model, out, console, quantized)
-    console.essential(f"merged model: {out_dir} (load it with AutoModelForSequenceClassification.from_pretrained)")
+    module = _task_module(adapter)
+    out_dir = module.merge_adapter(adapter, model, out, console, quantized)
+    console.essential(f"merged model: {out_dir} (load it with {module.AUTO_CLASS}.from_pretrained)")
+
+
+def _task_module(adapter: str):
+    """The module of the task an adapter was trained for (train_args.json; classify if unknown)."""
+    from .train.rundir import find_adapter_dir, read_train_args
+    from .train.tasks import MODULES, module_of
+
+    task = read_train_args(find_adapter_dir(adapter)).get("task") or "classify"
+    if task == "SEQ_CLS":  # train_args.json of peftkit 0.1 runs
+        task = "classify"
+    if task not in MODULES:
+        raise click.ClickException(f"{adapter}: trained for task {task!r}, which this peftkit does not know")
+    return module_of(task)
 
 
 @cli.command()

@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from . import adapters as ops
 from .config import CONFIG_NAME
-from .errors import AdapterFileError, ConfigError
+from .errors import AdapterFileError, ConfigError, ModelError
 from .inject import adapter_parameters, apply
 from .layer import FILE_PREFIX as PREFIX
 from .layer import AdapterLayer, Host
@@ -86,13 +86,22 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> str:
-    """Write adapter ``name`` into ``directory`` (created if needed); returns the directory."""
+def save(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+         tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """Write adapter ``name`` into ``directory`` (created if needed); returns the directory.
+
+    ``tensors``: the adapter's tensors as ``adapter_tensors`` keys them, when they are not the
+    live ones (a trainer that gathered the shards of a sharded model passes them here).
+    """
     state = get_state(model)
     config = check_name(state, name)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in adapter_tensors(model, name).items()}
+    live = adapter_tensors(model, name)
+    if tensors is not None and set(tensors) != set(live):
+        raise ModelError(f"save: the tensors given do not match adapter {name!r} "
+                         f"({len(tensors)} keys given, {len(live)} expected)")
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in (tensors or live).items()}
     data = config.file_dict(state.targets.get(name, []))
     data["inference_mode"] = True
     write_atomic(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))

@@ -7,8 +7,10 @@ Formats, chosen by the file's extension:
 - anything else: JSON Lines when the first character is ``{``, else TSV when the first line
   holds a tab, else CSV.
 
-The text is in a ``text`` column/field (or ``sentence``), the label in ``label`` (column names
-compare case-insensitively). Labels may be strings or integers; both are kept as strings
+The text is in a ``text`` column/field (or ``sentence``, ``sentence1``), the label in ``label``
+(column names compare case-insensitively). Sentence pairs (entailment, paraphrase) put the second
+text in ``text_pair`` (or ``sentence2``); the tokenizer joins the two as the model expects
+(``[CLS] a [SEP] b [SEP]`` for BERT). Every example of a file with pairs must have one. Labels may be strings or integers; both are kept as strings
 (``1`` and ``"1"`` are the same label). Every problem raises ``DataError`` naming the file and,
 where there is one, the line (1-based; the CSV header is line 1).
 """
@@ -26,11 +28,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .. import AdapterFileError, DataError
 
-TEXT_KEYS = ("text", "sentence")
+TEXT_KEYS = ("text", "sentence", "sentence1")
+PAIR_KEYS = ("text_pair", "sentence2")
 LABEL_KEY = "label"
 HOLDOUT_FRACTION = 0.2
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -45,6 +48,7 @@ class Example:
     text: str
     label: str  # the label as written, as a string
     line: int  # where it is in the source file (1-based)
+    pair: str | None = None  # the second text of a sentence pair
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -109,6 +113,7 @@ def _read_delimited(name: str, text: str, kind: str) -> list[Example]:
         lowered = [h.lower() for h in header]
         text_col = next((lowered.index(k) for k in TEXT_KEYS if k in lowered), None)
         label_col = lowered.index(LABEL_KEY) if LABEL_KEY in lowered else None
+        pair_col = next((lowered.index(k) for k in PAIR_KEYS if k in lowered), None)
         if text_col is None or label_col is None:
             missing = "'text' (or 'sentence')" if text_col is None else f"'{LABEL_KEY}'"
             found = ", ".join(repr(h) for h in header) or "none"
@@ -124,18 +129,22 @@ def _read_delimited(name: str, text: str, kind: str) -> list[Example]:
                     f"{name} line {line}: {len(row)} fields but the header has {len(header)} "
                     f"(quote a text that contains {'a tab' if delimiter == chr(9) else 'a comma'})"
                 )
-            for col, what in ((text_col, header[text_col]), (label_col, LABEL_KEY)):
+            columns = [(text_col, header[text_col]), (label_col, LABEL_KEY)]
+            if pair_col is not None:
+                columns.append((pair_col, header[pair_col]))
+            for col, what in columns:
                 if col >= len(row):
                     raise DataError(f"{name} line {line}: missing {what!r} column "
                                     f"(the row has {len(row)} field{'s' * (len(row) != 1)}, the header {len(header)})")
-            examples.append(_example(name, line, row[text_col], row[label_col]))
+            pair = row[pair_col] if pair_col is not None else None
+            examples.append(_example(name, line, row[text_col], row[label_col], pair))
         return examples
     except csv.Error as exc:
         raise DataError(f"{name} line {reader.line_num}: malformed {kind.upper()}: {exc}") from None
 
 
 def _read_jsonl(name: str, text: str) -> list[Example]:
-    examples = []
+    examples: list[Example] = []
     for line, raw in enumerate(io.StringIO(text, newline=None), 1):
         if not raw.strip():
             continue
@@ -159,17 +168,28 @@ def _read_jsonl(name: str, text: str) -> list[Example]:
         label = obj[label_key]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise DataError(f"{name} line {line}: label must be a string or an integer, found {json.dumps(label)}")
-        examples.append(_example(name, line, value, str(label)))
+        pair_key = next((keys[k] for k in PAIR_KEYS if k in keys), None)
+        pair = obj[pair_key] if pair_key is not None else None
+        if pair is not None and not isinstance(pair, str):
+            raise DataError(f"{name} line {line}: {pair_key!r} must be a string, found {_json_type(pair)}")
+        if examples and (pair is None) != (examples[0].pair is None):
+            first = examples[0]
+            raise DataError(f"{name} line {line}: " + (f"no 'text_pair' (or 'sentence2') field, but line {first.line} has one"
+                            if pair is None else f"has {pair_key!r} but line {first.line} has no second text")
+                            + "; every example of a sentence-pair file needs both texts")
+        examples.append(_example(name, line, value, str(label), pair))
     return examples
 
 
-def _example(name: str, line: int, text: str, label: str) -> Example:
+def _example(name: str, line: int, text: str, label: str, pair: str | None = None) -> Example:
     label = label.strip()
     if not label:
         raise DataError(f"{name} line {line}: label '' is empty")
     if not text.strip():
         raise DataError(f"{name} line {line}: text is empty")
-    return Example(text=text, label=label, line=line)
+    if pair is not None and not pair.strip():
+        raise DataError(f"{name} line {line}: the second text (text_pair) is empty")
+    return Example(text=text, label=label, line=line, pair=pair)
 
 
 def _json_type(value: Any) -> str:
@@ -279,38 +299,35 @@ def split_holdout(examples: Sequence[Example], fraction: float, seed: int, sourc
 
 
 class TextClassificationSet(Dataset):
-    """(text, label id) pairs; the label ids are checked against ``labels`` up front."""
+    """(text, second text or None, label id); the label ids are checked against ``labels`` up front."""
 
     def __init__(self, examples: Sequence[Example], labels: LabelMap, source: str) -> None:
         self.texts = [e.text for e in examples]
+        self.pairs = [e.pair for e in examples]
         self.label_ids = labels.ids(examples, source)
         self.source = source
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getitem__(self, i: int) -> tuple[str, int]:
-        return self.texts[i], self.label_ids[i]
+    def __getitem__(self, i: int) -> tuple[str, str | None, int]:
+        return self.texts[i], self.pairs[i], self.label_ids[i]
 
 
 class Collate:
-    """Tokenizes a batch: padding to the longest text in it, truncation at ``max_length``."""
+    """Tokenizes a batch: padding to the longest text in it, truncation at ``max_length`` (of a
+    pair, the longer text is cut first)."""
 
     def __init__(self, tokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, items: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        texts, labels = zip(*items)
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+    def __call__(self, items: list[tuple[str, str | None, int]]) -> dict[str, torch.Tensor]:
+        texts, pairs, labels = zip(*items)
+        second = list(pairs) if pairs[0] is not None else None
+        batch = self.tokenizer(list(texts), second, padding=True,
+                               truncation="longest_first" if second else True, max_length=self.max_length,
                                return_tensors="pt")
         out = dict(batch)
         out["labels"] = torch.tensor(labels, dtype=torch.long)  # (B,)
         return out
-
-
-def make_loader(dataset: TextClassificationSet, tokenizer, max_length: int, batch_size: int,
-                shuffle: bool, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=Collate(tokenizer, max_length))

@@ -1,23 +1,19 @@
-"""The training loop: AdamW, linear warmup then linear decay, gradient clipping, evaluation.
+"""The pieces of the training loop: seeding, AdamW, learning-rate schedules, the data order.
 
-Read it top to bottom: ``train`` runs optimizer steps over a ``DataLoader`` of batches that
-carry ``labels`` (the model computes its own loss) and calls back after every step and at the
-end of every epoch; ``evaluate`` measures accuracy and mean cross-entropy.
+The loop itself is ``engine.Engine.fit``; what is here has no state beyond its arguments.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import Sampler
 
-from .. import ModelError
+from .. import ConfigError
 
 
 def seed_everything(seed: int) -> None:
@@ -32,105 +28,84 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA devices too
 
 
-@dataclass
-class LoopSettings:
-    epochs: int = 1
-    max_steps: int | None = None  # when set, overrides epochs
-    lr: float = 1e-3
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
-
-
-def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (biases, norms) do not."""
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
+def make_optimizer(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (biases, norms, scales) do not."""
+    decay = [p for _, p in named if p.ndim >= 2]
+    rest = [p for _, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _warmup(step: int, warmup: int) -> float:
+    return (step + 1) / (warmup + 1)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate rises linearly over ``warmup`` steps, then falls linearly to 0 at ``total``."""
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return _warmup(step, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then half a cosine from the peak down to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return _warmup(step, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(model: nn.Module, loader: DataLoader, settings: LoopSettings, device: torch.device, *,
-          on_step: Callable[[int, float, float], None] | None = None,
-          on_epoch_end: Callable[[int, int], None] | None = None,
-          progress: Any = None) -> int:
-    """Train the parameters that require grad; returns the number of optimizer steps taken.
+def constant_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then the peak rate to the end."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup(step, warmup) if step < warmup else 1.0)
 
-    ``on_step(step, loss, lr)`` follows every step; ``on_epoch_end(epoch, step)`` follows
-    every epoch, including a last one cut short by ``max_steps`` (the model is put back in
-    training mode after it, so the callback may evaluate). ``progress`` has ``update(n, **stats)``.
+
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule, "constant": constant_schedule}
+
+
+def make_schedule(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    if name not in SCHEDULES:
+        raise ConfigError(f"--scheduler: expected one of {', '.join(SCHEDULES)}, found {name!r}")
+    return SCHEDULES[name](optimizer, warmup, total)
+
+
+class ShardOrder(Sampler[int]):
+    """The examples one process visits in one epoch, from a given position on.
+
+    Epoch ``e``'s order is a permutation drawn from ``seed + e`` (or the file order without
+    ``shuffle``), padded by wrapping around to a multiple of ``world`` and dealt out round-robin:
+    process ``r`` takes positions ``r, r + world, ...``. With batch size ``b`` per process, the
+    ``world`` batches of one step together hold positions ``k*b*world .. (k+1)*b*world - 1`` of
+    the order: the same examples a single process with batch size ``b*world`` would see.
+    ``start`` skips that many of this process's examples (resuming mid-epoch). No global RNG
+    is used, so resuming does not shift dropout's random numbers.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ModelError("the model has no trainable parameters")
-    total = settings.total_steps(len(loader))
-    optimizer = make_optimizer(params, settings.lr, settings.weight_decay)
-    scheduler = linear_schedule(optimizer, int(total * settings.warmup_ratio), total)
-    step, epoch = 0, 0
-    model.train()
-    while step < total:
-        epoch += 1
-        for batch in loader:
-            batch = to_device(batch, device)
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise ModelError(f"the loss became {loss.item()} at step {step + 1}; try a lower --lr")
-            loss.backward()
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            value = loss.item()
-            if on_step is not None:
-                on_step(step, value, lr)
-            if progress is not None:
-                progress.update(1, loss=value, lr=lr)
-            if step >= total:
-                break
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, step)
-            model.train()
-    return step
 
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.start = 0, 0
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, progress: Any = None) -> dict[str, Any]:
-    """``{"accuracy", "loss", "n"}``: accuracy and mean cross-entropy over every example."""
-    was_training = model.training
-    model.eval()
-    correct, loss_sum, n = 0, 0.0, 0
-    try:
-        for batch in loader:
-            batch = to_device(batch, device)
-            labels = batch.pop("labels")  # (B,)
-            logits = model(**batch).logits.float()  # (B, num_labels)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == labels).sum().item()
-            n += labels.numel()
-            if progress is not None:
-                progress.update(1)
-    finally:
-        model.train(was_training)
-    if n == 0:
-        return {"accuracy": math.nan, "loss": math.nan, "n": 0}
-    return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def per_process(self) -> int:
+        return -(-self.n // self.world)
+
+    def __len__(self) -> int:
+        return max(0, self.per_process() - self.start)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        padded = self.per_process() * self.world
+        order = (order * (padded // max(1, self.n) + 1))[:padded]
+        return iter(order[self.rank::self.world][self.start:])

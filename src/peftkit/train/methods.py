@@ -71,10 +71,20 @@ BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {
 }
 
 
-def build_config(options: TrainOptions) -> PeftConfig:
+def build_config(options: TrainOptions, task_type: str | None = None,
+                 modules_to_save: list[str] | None = None) -> PeftConfig:
+    """The method's config for the run; ``task_type`` and ``modules_to_save`` come from the task."""
     if options.method not in BUILDERS:
         raise ConfigError(f"--method: expected one of {', '.join(BUILDERS)}, found {options.method!r}")
-    return BUILDERS[options.method](options)
+    config = BUILDERS[options.method](options)
+    if task_type is not None:
+        config.task_type = task_type
+    if modules_to_save:
+        if not hasattr(config, "modules_to_save"):
+            raise ConfigError(f"--method {options.method} cannot train the model's new head "
+                              f"({', '.join(modules_to_save)}) for this task; use lora, dora, ia3 or adapter")
+        config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + modules_to_save))
+    return config
 
 
 def describe(config: Any) -> str:

@@ -23,6 +23,8 @@ QUANT_TYPES = ("nf4", "fp4")  # as in DESIGN.md: dora = LoraConfig(use_dora=True
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2},
                                               "ia3": {"lr": 1e-2}, "adapter": {"lr": 1e-3}}
 DEVICES = ("cpu", "cuda")
+TASKS = ("classify", "causal-lm", "image-classify")
+SCHEDULERS = ("linear", "cosine", "constant")
 
 
 def base_quant_type(method: str | None, quantize: str | None) -> str | None:
@@ -53,6 +55,20 @@ class TrainOptions:
     device: str | None = None  # None: cuda when available, else cpu
     quantize: str | None = None  # nf4/fp4: a 4-bit base (qlora implies nf4)
     quiet: bool = False
+    task: str | None = None  # None: inferred from the data (tasks.infer_task)
+    packing: bool = False  # causal-lm: pack short examples into full sequences
+    gradient_checkpointing: bool = False
+    grad_accum: int = 1  # micro-batches per optimizer step
+    bf16: bool = False  # bfloat16 autocast
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0  # 0: no clipping
+    eval_steps: int | None = None  # None: evaluate after every epoch
+    save_steps: int | None = None  # None: no checkpoints
+    keep_best: bool = False  # adapter/ holds the best evaluated adapter instead of the last
+    early_stopping: int | None = None  # stop after this many evaluations without improvement
+    nproc: int = 1  # processes (torchrun) when launched by peftkit train
+    fsdp: bool = False  # shard the model with FSDP (under torchrun)
+    tensorboard: bool = False  # also log to OUT/tensorboard
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,11 +80,18 @@ class TrainOptions:
             where = f"{source}: " if source else ""
             raise ConfigError(f"{where}--{name.replace('_', '-')}: expected {expected}, found {value!r}")
 
-        for name in ("r", "virtual_tokens", "epochs", "batch_size", "max_length"):
+        for name in ("r", "virtual_tokens", "epochs", "batch_size", "max_length", "grad_accum", "nproc"):
             if getattr(self, name) < 1:
                 fail(name, "a positive integer", getattr(self, name))
-        if self.max_steps is not None and self.max_steps < 1:
-            fail("max_steps", "a positive integer", self.max_steps)
+        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, "a positive integer", getattr(self, name))
+        if self.max_grad_norm < 0:
+            fail("max_grad_norm", "a non-negative number (0: no clipping)", self.max_grad_norm)
+        if self.task is not None and self.task not in TASKS:
+            fail("task", f"one of {', '.join(TASKS)}", self.task)
+        if self.scheduler not in SCHEDULERS:
+            fail("scheduler", f"one of {', '.join(SCHEDULERS)}", self.scheduler)
         if self.seed < 0:
             fail("seed", "a non-negative integer", self.seed)
         if not self.lr > 0:
@@ -96,9 +119,11 @@ class TrainOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
-_INT_FIELDS = {"r", "virtual_tokens", "epochs", "max_steps", "batch_size", "max_length", "seed"}
-_FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay"}
-_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device", "quantize"}
+_INT_FIELDS = {"r", "virtual_tokens", "epochs", "max_steps", "batch_size", "max_length", "seed", "grad_accum",
+               "eval_steps", "save_steps", "early_stopping", "nproc"}
+_FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay", "max_grad_norm"}
+_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device", "quantize", "task", "scheduler"}
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(TrainOptions) if f.type in ("bool", bool)}
 
 
 def key_to_field(key: str) -> str | None:
@@ -171,7 +196,7 @@ def _convert(source: str, key: str, field: str, value: Any) -> Any:
             except ValueError:
                 raise bad("a number") from None
         raise bad("a number")
-    if field == "quiet":
+    if field in _BOOL_FIELDS:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value

@@ -65,8 +65,10 @@ def _fmt(value: Any) -> str:
 class Console:
     """Where a command's lines go. ``to_stderr`` keeps stdout for a machine-readable result."""
 
-    def __init__(self, quiet: bool = False, to_stderr: bool = False) -> None:
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, to_stderr: bool = False, silent: bool = False) -> None:
+        """``silent``: nothing at all (the processes other than rank 0 of a distributed run)."""
+        self.quiet = quiet or silent
+        self.silent = silent
         self.to_stderr = to_stderr
         self._bars: list[Progress] = []
 
@@ -80,7 +82,8 @@ class Console:
 
     def essential(self, msg: str) -> None:
         """A line shown even with ``--quiet`` (where output goes, the headline numbers)."""
-        self._echo(msg)
+        if not self.silent:
+            self._echo(msg)
 
     def info(self, msg: str) -> None:
         if not self.quiet:

@@ -25,10 +25,24 @@ class MetricsLog:
     """``metrics.jsonl``: ``{"step", "loss", "lr"}`` per training step and
     ``{"step", "eval": {"accuracy", "loss", "n"}}`` per evaluation; kept in memory too."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, keep_until: int | None = None) -> None:
+        """A fresh, empty file; or, with ``keep_until`` (resuming from that step), the file's
+        records up to and including that step, the rest (written after the checkpoint) dropped."""
         self.path = Path(path)
-        self.records: list[dict[str, Any]] = []
-        write_atomic(self.path, b"")  # a fresh, empty file (a previous run's lines are dropped)
+        self.records = self._read_until(keep_until) if keep_until is not None else []
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def _read_until(self, step: int) -> list[dict[str, Any]]:
+        records = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                    records.append(record)
+        return records
 
     def _append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record) + "\n").encode("utf-8")
@@ -63,7 +77,7 @@ def _smooth(values: list[float], weight: float = 0.6) -> list[float]:
 
 
 def plot_loss(path: str | os.PathLike, steps: list[int], losses: list[float],
-              evals: Iterable[tuple[int, dict[str, Any]]] = (), title: str = "") -> None:
+              evals: Iterable[tuple[int, dict[str, Any]]] = (), title: str = "", metric: str = "accuracy") -> None:
     """Training loss per step (raw and smoothed) and the evaluation loss, as a PNG.
 
     Uses matplotlib's object API with the Agg canvas: no display, no global backend change.
@@ -82,7 +96,9 @@ def plot_loss(path: str | os.PathLike, steps: list[int], losses: list[float],
         ax.plot([s for s, _ in evals], [e["loss"] for _, e in evals], "o-", color="tab:orange",
                 label="eval loss")
         for s, e in evals:
-            ax.annotate(f"{e['accuracy']:.2f}", (s, e["loss"]), textcoords="offset points",
+            if metric not in e or metric == "loss":
+                continue
+            ax.annotate(f"{e[metric]:.2f}", (s, e["loss"]), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=7, color="tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -93,3 +109,33 @@ def plot_loss(path: str | os.PathLike, steps: list[int], losses: list[float],
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     write_atomic(path, buffer.getvalue())
+
+
+class TensorBoard:
+    """Scalars for TensorBoard (``train/loss``, ``train/lr``, ``eval/<metric>``) in a log directory.
+
+    Needs the ``tensorboard`` package (``pip install peftkit[tensorboard]``). Resuming from step
+    N drops the events a crashed run logged after N (TensorBoard's ``purge_step``)."""
+
+    def __init__(self, log_dir: str | os.PathLike, resume_step: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from .. import ConfigError
+
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'peftkit[tensorboard]'") from None
+        self.writer = SummaryWriter(log_dir=os.fspath(log_dir),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+
+    def eval(self, step: int, result: dict[str, Any]) -> None:
+        for key, value in result.items():
+            if isinstance(value, (int, float)) and key != "n":
+                self.writer.add_scalar(f"eval/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

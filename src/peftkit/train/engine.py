@@ -1,0 +1,528 @@
+"""The training engine: one loop for every task, in one process or many.
+
+``run_training(options, console)`` is the whole ``peftkit train`` job. Read ``Engine.fit`` top
+to bottom: optimizer steps over windows of ``--grad-accum`` micro-batches, evaluation every
+``--eval-steps`` steps (or every epoch), a checkpoint every ``--save-steps`` steps, early
+stopping, and at the end the adapter (the last one, or with ``--keep-best`` the best evaluated).
+
+A step's loss is the sum of the window's per-item losses over every process divided by the
+number of items (``Task.count``) in the whole window on every process, so gradient accumulation
+and data parallelism take the same step as one large batch. Resuming restores the trainable
+parameters, the optimizer, the schedule, every process's RNG state and the position in the
+data, and reaches the adapter an uninterrupted run reaches (the data order never touches the
+global RNG: ``loop.ShardOrder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+import peftkit
+
+from .. import ConfigError, ModelError
+from . import checkpoint, distributed, rundir
+from .data import HOLDOUT_FRACTION
+from .distributed import World
+from .loop import ShardOrder, make_optimizer, make_schedule, seed_everything
+from .methods import build_config, describe
+from .models import BUILTIN
+from .options import TrainOptions
+from .progress import Console
+from .report import MetricsLog, TensorBoard, plot_loss, write_json
+from .task import Task, TaskData
+from .tasks import make_task
+
+ADAPTER = "default"
+OPTIONS_FILE = "options.json"  # the run's options, for --resume
+BEST_DIR = "best"
+
+
+
+@dataclass
+class Position:
+    """Where a run is; saved in every checkpoint (``state.json``)."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # micro-batches of that epoch already used, per process
+    before: dict[str, Any] | None = None  # evaluation before training
+    last: dict[str, Any] | None = None  # latest evaluation
+    last_step: int | None = None
+    best: dict[str, Any] | None = None  # best evaluation during training
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best
+    stopped_early: bool = False
+    world_size: int = 1
+    eval_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Setup:
+    data: TaskData
+    model: nn.Module  # the user's model with the adapter (unwrapped)
+    module: nn.Module  # what the step calls: the model, DDP around it, or FSDP-sharded
+    model_path: str
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    order: ShardOrder
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+def run_training(options: TrainOptions, console: Console, resume: bool = False) -> dict[str, Any] | None:
+    """Train (or with ``resume``, continue ``options.out``); returns ``summary.json`` on rank 0."""
+    world = distributed.setup(options.device)
+    try:
+        engine = Engine(options, console if world.main else Console(silent=True), world)
+        return engine.run(resume)
+    finally:
+        distributed.teardown(world)
+
+
+def read_run_options(out: str) -> TrainOptions:
+    """The options a run in ``out`` was started with (``--resume``)."""
+    from .options import build_options
+
+    path = Path(out) / OPTIONS_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume {out}: no {OPTIONS_FILE} here; not a peftkit run directory")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    options = build_options(values, {}, source=str(path))
+    options.out = str(out)
+    return options
+
+
+class Engine:
+    def __init__(self, options: TrainOptions, console: Console, world: World) -> None:
+        self.options, self.console, self.world = options, console, world
+        self.out = Path(options.out or rundir.default_out(options.method))
+        self.pos = Position(world_size=world.size)
+        self.metrics: MetricsLog | None = None
+        self.board: TensorBoard | None = None
+
+    # -- the job ---------------------------------------------------------------------------
+
+    def run(self, resume: bool) -> dict[str, Any] | None:
+        started = time.time()
+        o, console = self.options, self.console
+        ckpt = self._checkpoint_to_resume() if resume else None
+        console.essential(f"output: {self.out}" + (f" (resuming from {ckpt.name})" if ckpt else ""))
+        self.task: Task = make_task(o)
+        self._check_options()
+        self.setup = self._build()
+        if ckpt is not None:
+            self._restore(ckpt)
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / OPTIONS_FILE, o.to_dict())
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", keep_until=self.pos.step if ckpt else None)
+            if o.tensorboard:
+                self.board = TensorBoard(self.out / "tensorboard", resume_step=self.pos.step if ckpt else None)
+        distributed.barrier(self.world)
+        if self.pos.before is None:
+            self.pos.before = self._evaluate("eval (before)")
+            self._log_eval(0, self.pos.before)
+            console.essential(f"before training: {self.task.eval_text(self.pos.before)}")
+        self.fit()
+        adapter_result, adapter_step = self._finish_adapter()
+        summary = self._summary(adapter_result, adapter_step, started) if self.world.main else None
+        if self.board is not None:
+            self.board.close()
+        return summary
+
+    def _check_options(self) -> None:
+        o = self.options
+        if o.bf16 and self.world.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--bf16: this GPU does not support bfloat16; drop --bf16")
+        if o.fsdp and o.method in ("prompt", "ptuning", "prefix"):
+            raise ConfigError(f"--fsdp shards weight-side adapters (lora, dora, ia3, adapter); --method {o.method} "
+                              "trains a few virtual tokens: drop --fsdp")
+        if o.fsdp and o.quant_type:
+            raise ConfigError("--fsdp with a 4-bit base is not supported; drop --fsdp or --quantize/--method qlora")
+        if o.early_stopping is not None and o.eval_steps is None and o.epochs < 2 and o.max_steps is None:
+            raise ConfigError("--early-stopping counts evaluations; with one epoch and no --eval-steps there is "
+                              "only one: set --eval-steps N")
+
+    def _build(self) -> Setup:
+        o, console, world = self.options, self.console, self.world
+        data = self.task.load_data()
+        seed_everything(o.seed)  # before the model: a new head's weights and LoRA's A draw from it
+        model, model_path = self.task.load_model(data, world.device)
+        if o.quant_type:
+            peftkit.quantize(model, quant_type=o.quant_type)
+        config = build_config(o, self.task.peft_task_type, self.task.modules_to_save)
+        peftkit.apply(model, config)
+        if o.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        summary = peftkit.trainable_summary(model)
+        console.info(f"task: {self.task.name}; model: {o.model} ({model_path}) on {world.device}"
+                     + (f", {world.size} processes" + (" (FSDP)" if o.fsdp else " (DDP)") if world.distributed else ""))
+        console.info(f"data: {len(data.train)} training examples from {data.train_source}, "
+                     f"{len(data.eval)} evaluation examples from {data.eval_source}")
+        for line in data.lines:
+            console.info(line)
+        console.info(f"{o.method}: {describe(config)}, targets {_targets_text(config, model)}; trainable params "
+                     f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ModelError("the model has no trainable parameters")
+        module = distributed.wrap(model, world, o.fsdp)
+        order = ShardOrder(len(data.train), o.seed, shuffle=True, rank=world.rank, world=world.size)
+        train_loader = DataLoader(data.train, batch_size=o.batch_size, sampler=order, collate_fn=data.collate,
+                                  generator=torch.Generator())
+        eval_loader = DataLoader(_EvalShard(data.eval, world), batch_size=o.batch_size, shuffle=False,
+                                 collate_fn=_KeepCollate(data.collate), generator=torch.Generator())
+        if len(train_loader) == 0:
+            raise ConfigError("no training batches: the training data is empty")
+        s = Setup(data, model, module, model_path, train_loader, eval_loader, order,
+                  [p for p in module.parameters() if p.requires_grad])
+        self.optimizer = make_optimizer([(n, p) for n, p in module.named_parameters() if p.requires_grad],
+                                        o.lr, o.weight_decay)
+        self.micro_per_epoch = -(-order.per_process() // o.batch_size)
+        self.steps_per_epoch = -(-self.micro_per_epoch // o.grad_accum)
+        self.total = o.max_steps if o.max_steps is not None else o.epochs * self.steps_per_epoch
+        self.scheduler = make_schedule(o.scheduler, self.optimizer, int(self.total * o.warmup_ratio), self.total)
+        global_batch = o.batch_size * o.grad_accum * world.size
+        console.info(f"training: {self.total} steps ({self.total / self.steps_per_epoch:.3g} epochs of "
+                     f"{self.steps_per_epoch} steps), {global_batch} examples a step ({o.batch_size} x "
+                     f"{o.grad_accum} accumulated x {world.size} processes), lr {o.lr:g} {o.scheduler}"
+                     + (", bf16 autocast" if o.bf16 else "") + (", gradient checkpointing" if o.gradient_checkpointing else ""))
+        return s
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        o, s, pos = self.options, self.setup, self.pos
+        if pos.step >= self.total or pos.stopped_early:
+            return
+        t0 = time.time()
+        eval_before = pos.eval_seconds
+        with self.console.progress(self.total - pos.step, "train") as bar:
+            while pos.step < self.total and not pos.stopped_early:
+                s.order.set_position(pos.epoch, pos.batch * o.batch_size)
+                window: list[dict[str, torch.Tensor]] = []
+                for batch in s.train_loader:
+                    window.append(batch)
+                    if len(window) < o.grad_accum and pos.batch + len(window) < self.micro_per_epoch:
+                        continue
+                    self._step(window, bar)
+                    window = []
+                    if pos.step >= self.total or pos.stopped_early:
+                        break
+                else:
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                    if o.eval_steps is None and pos.last_step != pos.step:
+                        self._eval_during_training()
+        pos.train_seconds += time.time() - t0 - (pos.eval_seconds - eval_before)
+        if pos.last_step != pos.step:
+            self._eval_during_training()
+
+    def _step(self, window: list[dict[str, torch.Tensor]], bar: Any) -> None:
+        o, s, pos, world = self.options, self.setup, self.pos, self.world
+        counts = [self.task.count(b) for b in window]
+        (total,) = distributed.sum_across(world, [float(sum(counts))])
+        if total <= 0:
+            raise ModelError(f"step {pos.step + 1}: no items to compute a loss on in this batch")
+        loss_sum = 0.0
+        for i, batch in enumerate(window):
+            batch = {k: v.to(world.device) for k, v in batch.items()}
+            with distributed.gradient_sync(s.module, sync=i == len(window) - 1):
+                with self._autocast():
+                    part = self.task.loss_sum(s.module, batch)
+                (part * (world.size / total)).backward()
+            loss_sum += part.item()
+        (loss_sum,) = distributed.sum_across(world, [loss_sum])
+        loss = loss_sum / total
+        if not math.isfinite(loss):
+            raise ModelError(f"the loss became {loss} at step {pos.step + 1}; try a lower --lr")
+        if o.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(s.params, o.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+        pos.batch += len(window)
+        if self.metrics is not None:
+            self.metrics.step(pos.step, loss, lr)
+        if self.board is not None:
+            self.board.step(pos.step, loss, lr)
+        bar.update(1, loss=loss, lr=lr)
+        if o.eval_steps is not None and pos.step % o.eval_steps == 0:
+            self._eval_during_training()
+        if o.save_steps is not None and pos.step % o.save_steps == 0:
+            self._save_checkpoint()
+
+    def _autocast(self):
+        if not self.options.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _evaluate(self, desc: str) -> dict[str, Any]:
+        s, world = self.setup, self.world
+        module = s.module if self.options.fsdp else s.model
+        was_training = module.training
+        module.eval()
+        totals: dict[str, float] = {}
+        t = time.time()
+        try:
+            with self.console.progress(len(s.eval_loader), desc, lines=False) as bar:
+                for batch, keep in s.eval_loader:
+                    batch = {k: v.to(world.device) for k, v in batch.items()}
+                    with self._autocast():
+                        sums = self.task.eval_sums(module, batch, keep.to(world.device))
+                    for k, v in sums.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    bar.update(1)
+        finally:
+            module.train(was_training)
+        keys = sorted(totals)
+        totals = dict(zip(keys, distributed.sum_across(world, [totals[k] for k in keys])))
+        self.pos.eval_seconds += time.time() - t
+        return self.task.finish_eval(totals)
+
+    def _eval_during_training(self) -> None:
+        """Evaluate at this step; track the best (saved to ``best/``) and early stopping."""
+        o, pos, task = self.options, self.pos, self.task
+        result = self._evaluate(f"eval (step {pos.step})")
+        pos.last, pos.last_step = result, pos.step
+        self._log_eval(pos.step, result)
+        value = result[task.metric]
+        better = pos.best is None or (value > pos.best[task.metric] if task.higher_is_better
+                                      else value < pos.best[task.metric])
+        mark = ""
+        if better:
+            pos.best, pos.best_step, pos.bad_evals = result, pos.step, 0
+            if o.keep_best:
+                self._write_adapter(self.out / BEST_DIR)
+                mark = " (best so far, saved)"
+        else:
+            pos.bad_evals += 1
+            if o.early_stopping is not None and pos.bad_evals >= o.early_stopping:
+                pos.stopped_early = True
+                mark = f" (no better than step {pos.best_step} for {pos.bad_evals} evaluations: stopping early)"
+        self.console.info(f"step {pos.step} (epoch {pos.step / self.steps_per_epoch:.2f}): "
+                          f"eval {task.eval_text(result)}{mark}")
+
+    def _log_eval(self, step: int, result: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.eval(step, result)
+        if self.board is not None:
+            self.board.eval(step, result)
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _write_adapter(self, directory: Path) -> None:
+        """The adapter as it is now, with the task's files, atomically at ``directory`` (rank 0)."""
+        tensors = self._adapter_tensors()
+        if self.world.main:
+            checkpoint.write_dir(directory, lambda tmp: self._fill_adapter(tmp, tensors))
+        distributed.barrier(self.world)
+
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor whole (gathered from every process under FSDP: a collective)."""
+        live = peftkit.io.adapter_tensors(self.setup.model, ADAPTER)
+        return {k: distributed.full_tensor(t.detach()).cpu() for k, t in live.items()}
+
+    def _fill_adapter(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        peftkit.save(self.setup.model, directory, ADAPTER, tensors=tensors)
+        self.task.save_files(directory, self.setup.data)
+        write_json(directory / rundir.ARGS_FILE, self._train_args())
+
+    def _save_checkpoint(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        pos = self.pos
+        tensors = self._adapter_tensors()
+        model_sd, optim_sd = get_state_dict(
+            self._state_module(), self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        rngs = distributed.gather_objects(self.world, checkpoint.rng_state())
+        if self.world.main:
+            trainer = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": rngs}
+
+            def fill(tmp: Path) -> None:
+                self._fill_adapter(tmp / checkpoint.ADAPTER_DIR, tensors)
+                torch.save(trainer, tmp / checkpoint.TRAINER_FILE)
+                write_json(tmp / checkpoint.STATE_FILE, asdict(pos))
+
+            checkpoint.write_dir(checkpoint.step_dir(self.out, pos.step), fill)
+            self.console.info(f"checkpoint: {checkpoint.step_dir(self.out, pos.step)}")
+        distributed.barrier(self.world)
+
+    def _state_module(self) -> nn.Module:
+        return self.setup.module if self.options.fsdp else self.setup.model
+
+    def _checkpoint_to_resume(self) -> Path:
+        ckpt = checkpoint.latest(self.out)
+        if ckpt is None:
+            raise ConfigError(f"--resume {self.out}: no complete checkpoint in {self.out / checkpoint.DIR} "
+                              "(a run writes them with --save-steps N)")
+        return ckpt
+
+    def _restore(self, ckpt: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state, trainer = checkpoint.read_state(ckpt)
+        if state.get("world_size", 1) != self.world.size:
+            raise ConfigError(f"{ckpt}: written by {state.get('world_size', 1)} process(es); resume with "
+                              f"--nproc {state.get('world_size', 1)} (the data order and RNG states depend on it)")
+        set_state_dict(self._state_module(), self.optimizer, model_state_dict=trainer["model"],
+                       optim_state_dict=trainer["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        checkpoint.set_rng_state(trainer["rng"][self.world.rank])
+        known = {f for f in Position.__dataclass_fields__}
+        self.pos = Position(**{k: v for k, v in state.items() if k in known})
+
+    def _finish_adapter(self) -> tuple[dict[str, Any], int]:
+        """Write ``adapter/``: the best evaluated adapter with ``--keep-best``, else the last."""
+        o, pos = self.options, self.pos
+        final = self.out / rundir.ADAPTER_DIR
+        if o.keep_best and pos.best is not None and (self.out / BEST_DIR).is_dir():
+            if self.world.main:
+                import shutil
+
+                checkpoint.write_dir(final, lambda tmp: (tmp.rmdir(), shutil.copytree(self.out / BEST_DIR, tmp)))
+            distributed.barrier(self.world)
+            return pos.best, pos.best_step
+        self._write_adapter(final)
+        return pos.last or pos.before, pos.step
+
+    def _train_args(self) -> dict[str, Any]:
+        """What ``eval``/``merge``/``generate`` need to rebuild the run's model and inputs."""
+        o = self.options
+
+        def absolute(p: str | None) -> str | None:
+            return os.path.abspath(p) if p else None
+
+        return {
+            "task": self.task.name,
+            "model": o.model if o.model in BUILTIN and not os.path.isdir(o.model) else absolute(o.model),
+            "max_length": o.max_length,
+            "batch_size": o.batch_size,
+            "data": absolute(o.data),  # null: the bundled demo set
+            "eval_data": absolute(o.eval_data),  # null with data set: held out of data
+            "holdout_fraction": HOLDOUT_FRACTION,
+            "seed": o.seed,
+            "options": o.to_dict(),
+        }
+
+    def _summary(self, result: dict[str, Any], adapter_step: int, started: float) -> dict[str, Any]:
+        o, pos, s, task = self.options, self.pos, self.setup, self.task
+        adapter_dir = self.out / rundir.ADAPTER_DIR
+        before = pos.before or {}
+        assert self.metrics is not None
+        steps_x, losses = self.metrics.train_points()
+        plot_loss(self.out / "loss.png", steps_x, losses, self.metrics.eval_points(), metric=task.metric,
+                  title=f"{o.method} on {Path(o.model).name}: loss"
+                        + (f" (eval points labelled with {task.metric})" if task.metric != "loss" else ""))
+        params = peftkit.trainable_summary(s.model)
+        adapter_bytes = (adapter_dir / rundir.WEIGHTS_FILE).stat().st_size
+        summary = {
+            "eval": result,  # of the adapter in adapter/
+            "adapter_step": adapter_step,
+            "adapter_is": "best" if o.keep_best and adapter_step == pos.best_step and pos.best is not None else "last",
+            "metric": task.metric,
+            "eval_before": before,
+            "best_step": pos.best_step,
+            "stopped_early": pos.stopped_early,
+            "trainable_params": params.trainable,
+            "total_params": params.total,
+            "trainable_percent": params.percent,
+            "adapter_bytes": adapter_bytes,
+            "base_bytes": peftkit.quant.weight_bytes(s.model),  # 4-bit (with scales) vs 16/32-bit
+            "train_seconds": round(pos.train_seconds, 3),
+            "total_seconds": round(time.time() - started, 3),
+            "method": o.method,
+            "model": o.model,
+            "model_path": s.model_path,
+            "task": task.name,
+            "train_examples": len(s.data.train),
+            "eval_data": s.data.eval_source,
+            "steps": pos.step,
+            "epochs": round(pos.step / self.steps_per_epoch, 3),
+            "global_batch": o.batch_size * o.grad_accum * self.world.size,
+            "processes": self.world.size,
+            "device": str(self.world.device),
+            "seed": o.seed,
+            "options": o.to_dict(),
+            "peftkit_version": peftkit.__version__,
+        }
+        if "accuracy" in before:
+            summary["accuracy_before"] = before["accuracy"]
+        summary.update(self.task.summary_extras(s.data))
+        write_json(self.out / "summary.json", summary)
+        self.console.essential(f"after training ({summary['adapter_is']} adapter, step {adapter_step}): "
+                               f"{task.eval_text(result)}; before: {task.eval_text(before)}")
+        self.console.essential(f"saved: {adapter_dir} ({adapter_bytes / 1024:.0f} KB), metrics.jsonl, summary.json, "
+                               f"loss.png in {self.out}")
+        return summary
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing: gradients reach the adapter inside a block also when the block's
+    input (a frozen embedding's output) does not require grad, the trap of the reentrant kind."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+
+
+class _EvalShard(Dataset):
+    """This process's share of the evaluation set: ``(item, keep)``; every process gets the same
+    number of items, the short ones padded with repeats marked ``keep=False``."""
+
+    def __init__(self, dataset: Dataset, world: World) -> None:
+        n = len(dataset)
+        per = -(-n // world.size)
+        self.dataset = dataset
+        self.positions = [p for p in range(world.rank, per * world.size, world.size)] if n else []
+        self.n = n
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[Any, bool]:
+        p = self.positions[i]
+        return self.dataset[p % self.n], p < self.n
+
+
+class _KeepCollate:
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[Any, bool]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.collate([x for x, _ in items]), torch.tensor([k for _, k in items], dtype=torch.bool)
+
+
+def _targets_text(config: Any, model: nn.Module) -> str:
+    """The configured targets, or the method's default for this model type."""
+    if not hasattr(config, "target_modules"):
+        return "none (virtual tokens at the input)"
+    targets = config.target_modules
+    if targets is None:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        targets = peftkit.registry.get(config.peft_type).default_targets.get(kind)
+        return f"{','.join(targets)} (default for {kind})" if targets else "default"
+    return targets if isinstance(targets, str) else ",".join(targets)
