@@ -303,6 +303,8 @@ def test_info_describes_the_adapter(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert facts["parameters"].startswith(f"{summary['trainable_params']:,} ")
     assert facts["labels"] == "money, music, pets"
+    assert facts["trained for"] == "classify"
+    assert facts["eval accuracy"].startswith(f"{summary['eval']['accuracy']:.4f} on 6 examples (step 7, last adapter")
 
 
 # -- errors -------------------------------------------------------------------------------

@@ -101,15 +101,19 @@ def adapter_facts(adapter_dir: str | os.PathLike) -> list[tuple[str, str]]:
     if (adapter_dir / LABELS_FILE).is_file():
         facts.append(("labels", ", ".join(LabelMap.read(adapter_dir / LABELS_FILE).names)))
     args = read_train_args(adapter_dir)
-    if args.get("max_length"):
+    if args.get("task"):
+        facts.append(("trained for", str(args["task"])))
+    if args.get("max_length") and args.get("task") != "image-classify":
         facts.append(("max length", str(args["max_length"])))
     summary = adapter_dir.parent / "summary.json"
     if adapter_dir.name == ADAPTER_DIR and summary.is_file():
         try:
             with open(summary, encoding="utf-8") as f:
                 s = json.load(f)
-            facts.append(("eval accuracy", f"{s['eval']['accuracy']:.4f} on {s['eval']['n']} examples "
-                                           f"(before training {s['accuracy_before']:.4f})"))
+            metric = s.get("metric", "accuracy")
+            where = f"step {s['adapter_step']}, {s.get('adapter_is', 'last')} adapter; " if "adapter_step" in s else ""
+            facts.append((f"eval {metric}", f"{s['eval'][metric]:.4f} on {s['eval']['n']} examples "
+                                            f"({where}before training {s['eval_before'][metric]:.4f})"))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a summary from an interrupted or older run: nothing to add
     return facts
