@@ -56,6 +56,9 @@ def setup(device: str | None) -> World:
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {rank} wants GPU {local_rank}, but this machine has {torch.cuda.device_count()}; "
+                              "start at most one process per GPU (--nproc / --nproc-per-node), or --device cpu")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
