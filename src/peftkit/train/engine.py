@@ -211,6 +211,7 @@ class Engine:
             return
         t0 = time.time()
         eval_before = pos.eval_seconds
+        s.module.train()  # dropout on (the model loads in eval mode; _evaluate switches back)
         with self.console.progress(self.total - pos.step, "train") as bar:
             while pos.step < self.total and not pos.stopped_early:
                 s.order.set_position(pos.epoch, pos.batch * o.batch_size)
@@ -262,8 +263,9 @@ class Engine:
         if self.board is not None:
             self.board.step(pos.step, loss, lr)
         bar.update(1, loss=loss, lr=lr)
-        if o.eval_steps is not None and pos.step % o.eval_steps == 0:
-            self._eval_during_training()
+        epoch_end = pos.batch >= self.micro_per_epoch
+        if (pos.step % o.eval_steps == 0 if o.eval_steps is not None else epoch_end) or pos.step >= self.total:
+            self._eval_during_training()  # before the checkpoint below, so that it holds this evaluation
         if o.save_steps is not None and pos.step % o.save_steps == 0:
             self._save_checkpoint()
 
