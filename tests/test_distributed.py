@@ -122,3 +122,31 @@ def test_fsdp_run_resumes_in_two_processes(setup):
     again = load_file(run / "adapter" / "adapter_model.safetensors")
     for key in final:
         torch.testing.assert_close(final[key], again[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_causal_lm_token_loss_is_normalised_across_processes(tmp_path):
+    """Examples of different lengths: each process holds a different number of predicted tokens,
+    and the step still averages over every token of the global batch, as one process does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from test_causal_lm import WORDS, _tokenizer
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(WORDS) + 2, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                     eos_token_id=0, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    _tokenizer(False).save_pretrained(model_dir)
+    rows = [{"prompt": " ".join(WORDS[i % 7: i % 7 + 2]), "response": " ".join(WORDS[: 3 + (5 * i) % 11])}
+            for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    runs = {}
+    for name, flags in (("one", ["--batch-size", 4]), ("two", ["--batch-size", 2, "--nproc", 2])):
+        runs[name] = tmp_path / name
+        args = ["train", "--model", model_dir, "--data", data, "--eval-data", data, "--max-steps", 3, "--lr", 1e-2,
+                "--dropout", 0, "--out", runs[name], "--quiet", *flags]
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert json.loads((runs["two"] / "summary.json").read_text())["task"] == "causal-lm"
+    assert_same_adapter(runs["one"], runs["two"])
