@@ -53,6 +53,21 @@ def load_adapted(adapter: str, model: str | None, device: torch.device,
     return Adapted(base, args, adapter_dir, model_path)
 
 
+def eval_data_of(args: dict[str, Any], data: str | None, default: str | None = None) -> tuple[str, bool]:
+    """What to evaluate on and whether to take its held-out part: ``data`` when given; else the
+    run's ``--eval-data``; else the part of its ``--data`` held out with the run's seed and
+    fraction; else ``default`` (the bundled demo's evaluation file)."""
+    if data:
+        return data, False
+    if args.get("eval_data"):
+        return str(args["eval_data"]), False
+    if args.get("data"):
+        return str(args["data"]), True
+    if default is not None and args:
+        return default, False
+    raise ConfigError("the adapter has no train_args.json naming its evaluation data; pass --data")
+
+
 def merged_model(adapted: Adapted, console: Any) -> torch.nn.Module:
     """The adapter folded into its base: a plain (dense) transformers model, merge error reported."""
     report = peftkit.merge(adapted.model)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import ConfigError, ModelError
-from .adapted import Adapted, load_adapted, merged_model, prepare_out_dir
+from .adapted import Adapted, eval_data_of, load_adapted, merged_model, prepare_out_dir
 from .data import HOLDOUT_FRACTION
 from .lm_data import IGNORE_INDEX, LMCollate, build_dataset, read_lm_examples, split_holdout
 from .models import _dtype_kwargs, _first_line, load_tokenizer, max_positions, resolve_model
@@ -213,25 +213,13 @@ def load_adapted_lm(adapter: str, model: str | None, device: torch.device, quant
     return adapted, load_tokenizer(adapted.model_path)
 
 
-def eval_data_path(args: dict[str, Any], data: str | None) -> tuple[str, bool]:
-    """The file to evaluate on and whether to take its held-out part: ``data`` when given, else
-    the run's ``--eval-data``, else the part held out of its ``--data`` (with the run's seed)."""
-    if data:
-        return data, False
-    if args.get("eval_data"):
-        return str(args["eval_data"]), False
-    if args.get("data"):
-        return str(args["data"]), True
-    raise ConfigError("the adapter has no train_args.json naming its evaluation data; pass --data")
-
-
 def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
                      device: torch.device, console: Console) -> dict[str, Any]:
     """``{"loss", "perplexity", "tokens", "n"}`` of an adapter on a causal-LM JSONL file,
     tokenized as in training (the run's ``max_length``); never packed."""
     adapted, tokenizer = load_adapted_lm(adapter, model, device)
     args = adapted.args
-    path, held_out = eval_data_path(args, data)
+    path, held_out = eval_data_of(args, data)
     examples = read_lm_examples(path)
     if held_out:
         fraction = float(args.get("holdout_fraction") or HOLDOUT_FRACTION)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .. import ConfigError
 from . import rundir
-from .adapted import load_adapted, merged_model, prepare_out_dir
+from .adapted import eval_data_of, load_adapted, merged_model, prepare_out_dir
 from .data import (DEMO_EVAL, DEMO_TRAIN, HOLDOUT_FRACTION, Collate, LabelMap, TextClassificationSet, read_examples,
                    split_holdout)
 from .models import load_sequence_classifier, load_tokenizer, max_positions, resolve_model
@@ -136,27 +136,11 @@ def _load(adapter: str, model: str | None, device: torch.device, quantized: bool
     return adapted, LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE), load_tokenizer(adapted.model_path)
 
 
-def eval_data_path(args: dict[str, Any], data: str | None) -> tuple[str, bool]:
-    """The file to evaluate on and whether to take the held-out part of it.
-
-    ``data`` when given; else the run's own evaluation data (the bundled demo eval file, the
-    ``--eval-data`` file, or the part held out of ``--data`` with the run's seed)."""
-    if data:
-        return data, False
-    if not args:
-        raise ConfigError("the adapter has no train_args.json naming its evaluation data; pass --data")
-    if args.get("eval_data"):
-        return args["eval_data"], False
-    if args.get("data"):
-        return args["data"], True
-    return str(DEMO_EVAL), False
-
-
 def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
                      device: torch.device, console: Console) -> dict[str, Any]:
     """``{"accuracy", "loss", "n"}`` of an adapter on a data file, tokenized as in training."""
     adapted, labels, tokenizer = _load(adapter, model, device)
-    path, held_out = eval_data_path(adapted.args, data)
+    path, held_out = eval_data_of(adapted.args, data, default=str(DEMO_EVAL))
     examples = read_examples(path)
     if held_out:
         _, examples = split_holdout(examples, float(adapted.args.get("holdout_fraction", HOLDOUT_FRACTION)),

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .. import ConfigError, ModelError
 from . import rundir
-from .adapted import load_adapted, merged_model, prepare_out_dir
+from .adapted import eval_data_of, load_adapted, merged_model, prepare_out_dir
 from .data import HOLDOUT_FRACTION, Example, LabelMap
 from .image_data import (PROCESSOR_FILE, ImageFolderSet, check_eval_labels, collate_images, label_map,
                          make_preprocess, read_image_folder, split_folder)
@@ -167,18 +167,6 @@ def _build(device: torch.device):
     return build
 
 
-def eval_folder_of(args: dict[str, Any], data: str | None) -> tuple[str, bool]:
-    """The image folder to evaluate on and whether to take the held-out part of it: ``data``
-    when given, else the run's ``--eval-data``, else the part held out of its ``--data``."""
-    if data:
-        return data, False
-    if args.get("eval_data"):
-        return str(args["eval_data"]), False
-    if args.get("data"):
-        return str(args["data"]), True
-    raise ConfigError("the adapter has no train_args.json naming its evaluation data; pass --data")
-
-
 def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
                      device: torch.device, console: Console) -> dict[str, Any]:
     """``{"accuracy", "loss", "n"}`` of an adapter on an image folder, preprocessed as in training.
@@ -187,7 +175,7 @@ def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_si
     ``--data`` held out with the run's seed and fraction)."""
     adapted = load_adapted(adapter, model, device, _build(device))
     labels = LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE)
-    path, held_out = eval_folder_of(adapted.args, data)
+    path, held_out = eval_data_of(adapted.args, data)
     folder = read_image_folder(path, "--data image folder" if data else "the run's evaluation folder")
     if held_out:
         fraction = float(adapted.args.get("holdout_fraction", HOLDOUT_FRACTION))
