@@ -57,17 +57,17 @@ class Example:
 def read_examples(path: str | os.PathLike) -> list[Example]:
     """All examples of a CSV/TSV/JSONL file; raises ``DataError`` for anything malformed."""
     name = os.fspath(path)
-    text = _read_text(name)
+    text = read_text(name)
     if not text.strip():
         raise DataError(f"{name}: file is empty ({_EXPECTED} and at least one example)")
-    kind = _format_of(name, text)
+    kind = format_of(name, text)
     examples = _read_jsonl(name, text) if kind == "jsonl" else _read_delimited(name, text, kind)
     if not examples:
         raise DataError(f"{name}: no examples (only a header line)" if kind != "jsonl" else f"{name}: no examples")
     return examples
 
 
-def _read_text(name: str) -> str:
+def read_text(name: str) -> str:
     if not os.path.exists(name):
         raise DataError(f"{name}: file not found")
     if os.path.isdir(name):
@@ -84,7 +84,7 @@ def _read_text(name: str) -> str:
         raise DataError(f"{name} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
 
 
-def _format_of(name: str, text: str) -> str:
+def format_of(name: str, text: str) -> str:
     suffix = Path(name).suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
@@ -148,13 +148,7 @@ def _read_jsonl(name: str, text: str) -> list[Example]:
     for line, raw in enumerate(io.StringIO(text, newline=None), 1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            hint = " (expected JSON Lines: one object per line, not one JSON array)" if raw.lstrip().startswith("[") else ""
-            raise DataError(f"{name} line {line}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{name} line {line}: expected a JSON object, found {_json_type(obj)}")
+        obj = json_object(name, line, raw)
         keys = {k.lower(): k for k in obj}
         text_key = next((keys[k] for k in TEXT_KEYS if k in keys), None)
         label_key = keys.get(LABEL_KEY)
@@ -164,14 +158,14 @@ def _read_jsonl(name: str, text: str) -> list[Example]:
             raise DataError(f"{name} line {line}: missing {missing} field; found fields {found}")
         value = obj[text_key]
         if not isinstance(value, str):
-            raise DataError(f"{name} line {line}: {text_key!r} must be a string, found {_json_type(value)}")
+            raise DataError(f"{name} line {line}: {text_key!r} must be a string, found {json_type(value)}")
         label = obj[label_key]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise DataError(f"{name} line {line}: label must be a string or an integer, found {json.dumps(label)}")
         pair_key = next((keys[k] for k in PAIR_KEYS if k in keys), None)
         pair = obj[pair_key] if pair_key is not None else None
         if pair is not None and not isinstance(pair, str):
-            raise DataError(f"{name} line {line}: {pair_key!r} must be a string, found {_json_type(pair)}")
+            raise DataError(f"{name} line {line}: {pair_key!r} must be a string, found {json_type(pair)}")
         if examples and (pair is None) != (examples[0].pair is None):
             first = examples[0]
             raise DataError(f"{name} line {line}: " + (f"no 'text_pair' (or 'sentence2') field, but line {first.line} has one"
@@ -179,6 +173,18 @@ def _read_jsonl(name: str, text: str) -> list[Example]:
                             + "; every example of a sentence-pair file needs both texts")
         examples.append(_example(name, line, value, str(label), pair))
     return examples
+
+
+def json_object(name: str, line: int, raw: str, expected: str = "a JSON object") -> dict[str, Any]:
+    """One line of a JSON Lines file, which must hold an object; ``DataError`` naming file and line."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        hint = " (expected JSON Lines: one object per line, not one JSON array)" if raw.lstrip().startswith("[") else ""
+        raise DataError(f"{name} line {line}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{name} line {line}: expected {expected}, found {json_type(obj)}")
+    return obj
 
 
 def _example(name: str, line: int, text: str, label: str, pair: str | None = None) -> Example:
@@ -192,7 +198,7 @@ def _example(name: str, line: int, text: str, label: str, pair: str | None = Non
     return Example(text=text, label=label, line=line, pair=pair)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 

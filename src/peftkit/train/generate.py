@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +27,7 @@ import torch
 
 from .. import ConfigError, DataError
 from .causal_lm import load_adapted_lm
-from .data import _json_type, _read_text
+from .data import json_object, json_type, read_text
 from .lm_data import JSONL_SUFFIXES, LMEncoder
 from .models import max_positions
 from .progress import Console
@@ -39,7 +38,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     ``{``) with ``{"prompt": str}`` per line, or plain text with one prompt per line. Blank lines
     are skipped; ``DataError`` names the file and line of anything malformed."""
     name = os.fspath(path)
-    text = _read_text(name)
+    text = read_text(name)
     jsonl = Path(name).suffix.lower() in JSONL_SUFFIXES or text.lstrip().startswith("{")
     prompts = []
     for line, raw in enumerate(io.StringIO(text, newline=None), 1):
@@ -52,15 +51,12 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def _json_prompt(name: str, line: int, raw: str) -> str:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{name} line {line}: invalid JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(obj, dict) or "prompt" not in obj:
-        found = f"fields {', '.join(repr(k) for k in obj) or 'none'}" if isinstance(obj, dict) else _json_type(obj)
-        raise DataError(f'{name} line {line}: expected {{"prompt": "..."}}, found {found}')
+    obj = json_object(name, line, raw, 'a JSON object {"prompt": "..."}')
+    if "prompt" not in obj:
+        raise DataError(f'{name} line {line}: expected {{"prompt": "..."}}, found fields '
+                        f'{", ".join(repr(k) for k in obj) or "none"}')
     if not isinstance(obj["prompt"], str):
-        raise DataError(f"{name} line {line}: 'prompt' must be a string, found {_json_type(obj['prompt'])}")
+        raise DataError(f"{name} line {line}: 'prompt' must be a string, found {json_type(obj['prompt'])}")
     return obj["prompt"]
 
 

@@ -73,7 +73,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import DataError
-from .data import _json_type, _read_text
+from .data import json_object, json_type, read_text
 
 IGNORE_INDEX = -100
 RESPONSE_KEYS = ("response", "completion")
@@ -99,7 +99,7 @@ class LMExample:
 def read_lm_examples(path: str | os.PathLike) -> list[LMExample]:
     """All examples of a causal-LM JSONL file; ``DataError`` (file and line) for anything malformed."""
     name = os.fspath(path)
-    text = _read_text(name)
+    text = read_text(name)
     if not text.strip():
         raise DataError(f"{name}: file is empty (expected JSON Lines with {FORMS} on each line)")
     if Path(name).suffix.lower() not in JSONL_SUFFIXES and not text.lstrip().startswith("{"):
@@ -115,14 +115,8 @@ def read_lm_examples(path: str | os.PathLike) -> list[LMExample]:
 
 def parse_line(name: str, line: int, raw: str) -> LMExample:
     """One JSON line -> an ``LMExample``."""
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        hint = " (expected JSON Lines: one object per line, not one JSON array)" if raw.lstrip().startswith("[") else ""
-        raise DataError(f"{name} line {line}: invalid JSON: {exc.msg} at column {exc.colno}{hint}") from None
+    obj = json_object(name, line, raw, f"a JSON object with {FORMS}")
     where = f"{name} line {line}"
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with {FORMS}, found {_json_type(obj)}")
     response_key = next((k for k in RESPONSE_KEYS if k in obj), None)
     forms = [k for k in ("prompt", "messages", "text") if k in obj]
     if len(forms) > 1:
@@ -153,25 +147,25 @@ def parse_line(name: str, line: int, raw: str) -> LMExample:
 def _string(where: str, obj: dict, key: str) -> str:
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: {key!r} must be a string, found {_json_type(value)}")
+        raise DataError(f"{where}: {key!r} must be a string, found {json_type(value)}")
     return value
 
 
 def _messages(where: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, list) or not value:
-        found = "an empty array" if value == [] else _json_type(value)
+        found = "an empty array" if value == [] else json_type(value)
         raise DataError(f"{where}: 'messages' must be a non-empty array of {{\"role\", \"content\"}} objects, "
                         f"found {found}")
     out = []
     for i, m in enumerate(value, 1):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            found = f"fields {', '.join(repr(k) for k in m) or 'none'}" if isinstance(m, dict) else _json_type(m)
+            found = f"fields {', '.join(repr(k) for k in m) or 'none'}" if isinstance(m, dict) else json_type(m)
             raise DataError(f"{where}: message {i}: expected {{\"role\": ..., \"content\": ...}}, found {found}")
         role, content = m["role"], m["content"]
         if not isinstance(role, str) or not role.strip():
             raise DataError(f"{where}: message {i}: 'role' must be a non-empty string, found {json.dumps(role)}")
         if not isinstance(content, str):
-            raise DataError(f"{where}: message {i}: 'content' must be a string, found {_json_type(content)}")
+            raise DataError(f"{where}: message {i}: 'content' must be a string, found {json_type(content)}")
         out.append((role, content))
     if not any(role == "assistant" for role, _ in out):
         roles = ", ".join(sorted({r for r, _ in out}))

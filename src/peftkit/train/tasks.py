@@ -11,11 +11,10 @@ Each task lives in its own module and is imported only when used.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 from .. import ConfigError, DataError
-from .data import LABEL_KEY, _format_of, _read_text
+from .data import LABEL_KEY, format_of, json_object, read_text
 from .options import TASKS, TrainOptions
 from .task import Task
 
@@ -48,10 +47,10 @@ def infer_task(data: str | None) -> str:
         return "classify"
     if os.path.isdir(data):
         return "image-classify"
-    text = _read_text(data)
+    text = read_text(data)
     if not text.strip():
         raise DataError(f"{data}: file is empty")
-    if _format_of(data, text) != "jsonl":
+    if format_of(data, text) != "jsonl":
         return "classify"  # CSV/TSV: only classification reads them (its reader names a missing column)
     keys = _first_record_keys(data, text)
     if LABEL_KEY in keys:
@@ -66,10 +65,5 @@ def infer_task(data: str | None) -> str:
 def _first_record_keys(name: str, text: str) -> list[str]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{name} line {number}: invalid JSON: {exc}") from None
-            return [str(k).lower() for k in obj] if isinstance(obj, dict) else []
+            return [str(k).lower() for k in json_object(name, number, line)]
     return []
-
