@@ -390,6 +390,7 @@ def test_train_raises_accuracy_on_the_held_out_images(vit_run):
     summary = json.loads((vit_run / "summary.json").read_text())
     assert summary["eval_before"]["n"] == summary["eval"]["n"] == 6
     assert summary["eval"]["accuracy"] >= 0.8 > summary["eval_before"]["accuracy"]
+    assert summary["task"] == "image-classify" and summary["labels"] == sorted(summary["labels"])
     assert summary["eval"]["loss"] < summary["eval_before"]["loss"]
     args = json.loads((vit_run / "adapter" / "train_args.json").read_text())
     assert args["task"] == "image-classify"

@@ -688,6 +688,8 @@ def test_infer_task(tmp_path):
     assert infer_task(write("c.jsonl", '{"prompt": "2+2=", "response": "4"}\n')) == "causal-lm"
     assert infer_task(write("d.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')) == "causal-lm"
     assert infer_task(write("e.jsonl", '{"text": "just text"}\n')) == "causal-lm"
+    with pytest.raises(DataError, match="'Prompt'"):  # the causal-LM reader's names are case-sensitive
+        infer_task(write("f.jsonl", '{"Prompt": "2+2=", "Response": "4"}\n'))
     assert infer_task(write("f.csv", "text,label\nhi,x\n")) == "classify"
     assert infer_task(write("g.tsv", "text\tlabel\nhi\tx\n")) == "classify"
     with pytest.raises(DataError) as info:
@@ -770,3 +772,38 @@ def test_training_on_sentence_pairs(tmp_path, tiny_model, pair_files):
     result = invoke("eval", "--adapter", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1]) == pytest.approx(got["eval"])
+
+
+# -- run directories, limits and flag combinations -----------------------------------------
+
+
+def test_save_limit_keeps_the_most_recent_checkpoints(tmp_path, train):
+    out = tmp_path / "limited"
+    train(out, "--max-steps", 8, "--save-steps", 2, "--save-limit", 2, "--eval-steps", 4)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6", "step-8"]
+    assert checkpoint.latest(out).name == "step-8"
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(tmp_path, train):
+    out = tmp_path / "reused"
+    train(out, "--max-steps", 4, "--save-steps", 2, "--keep-best", "--eval-steps", 2)
+    assert (out / "checkpoints" / "step-4").is_dir() and (out / "best").is_dir()
+    train(out, "--max-steps", 2)
+    assert not (out / "checkpoints").exists() and not (out / "best").exists()  # --resume cannot pick them up
+    assert_clean_error(invoke("train", "--resume", out), "no complete checkpoint")
+
+
+def test_flag_combinations_refused_up_front(tmp_path, train):
+    result = train(tmp_path / "a", "--method", "prefix", "--gradient-checkpointing", "--max-steps", 1,
+                   expect_ok=False)
+    assert_clean_error(result, "--gradient-checkpointing", "--method prefix")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()  # refused before any work
+    assert_clean_error(train(tmp_path / "b", "--save-limit", 2, "--max-steps", 1, expect_ok=False), "--save-steps")
+
+
+def test_a_yaml_switch_is_turned_off_by_its_no_flag(tmp_path, train):
+    config = tmp_path / "run.yaml"
+    config.write_text("bf16: true\nmax_steps: 1\n")
+    out = tmp_path / "off"
+    train(out, "--config", config, "--no-bf16")
+    assert json.loads((out / "summary.json").read_text())["options"]["bf16"] is False

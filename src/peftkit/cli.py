@@ -87,7 +87,7 @@ def _help(text: str, field: str) -> str:
               "plus text_pair for pairs) and label; causal-lm: JSONL with prompt+response, messages or text; "
               "image-classify: a folder of class folders.  [default: the bundled demo set]")
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
-              "--data, 20% of each label's rows held out (chosen with --seed)]")
+              "--data, 20% of it held out (of each label's rows for classification), chosen with --seed]")
 @click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
               "magnitude vector; qlora: LoRA over a 4-bit NF4 base; ia3: (IA)³ scaling vectors; adapter: Houlsby bottleneck adapters; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
 @click.option("--virtual-tokens", type=int, help=_help("Virtual tokens (prompt, ptuning, prefix).", "virtual_tokens"))
@@ -99,7 +99,7 @@ def _help(text: str, field: str) -> str:
 @click.option("--epochs", type=int, help=_help("Passes over the training data.", "epochs"))
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help=_help("Examples per step (and per eval batch).", "batch_size"))
-@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW, linear warmup and decay).", "lr")[:-1]
+@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW; warmup, then --scheduler).", "lr")[:-1]
               + "".join(f"; {m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items()) + "]")
 @click.option("--warmup-ratio", type=float, help=_help("Fraction of the steps spent warming up.", "warmup_ratio"))
 @click.option("--weight-decay", type=float, help=_help("AdamW weight decay on adapter matrices.", "weight_decay"))
@@ -116,21 +116,22 @@ def _help(text: str, field: str) -> str:
               "image-classify]")
 @click.option("--packing/--no-packing", default=None, help="causal-lm: pack short examples into full sequences "
               "(attention stays within each example).  [default: off]")
-@click.option("--gradient-checkpointing", is_flag=True, default=None,
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Recompute activations in the backward pass: less memory, about 30% more compute.")
 @click.option("--grad-accum", type=int, help=_help("Micro-batches accumulated into one optimizer step.", "grad_accum"))
-@click.option("--bf16", is_flag=True, default=None, help="bfloat16 autocast (mixed precision).  [default: float32]")
+@click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast (mixed precision).  [default: float32]")
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), help=_help("Learning-rate schedule after warmup.", "scheduler"))
 @click.option("--max-grad-norm", type=float, help=_help("Gradient clipping (0: none).", "max_grad_norm"))
 @click.option("--eval-steps", type=int, help="Evaluate every N steps.  [default: after every epoch]")
 @click.option("--save-steps", type=int, help="Write a checkpoint (OUT/checkpoints/step-N) every N steps.  "
               "[default: none]")
-@click.option("--keep-best", is_flag=True, default=None, help="adapter/ holds the best evaluated adapter, not the last.")
+@click.option("--save-limit", type=int, help="Keep only the N most recent checkpoints.  [default: all]")
+@click.option("--keep-best/--no-keep-best", default=None, help="adapter/ holds the best evaluated adapter, not the last.")
 @click.option("--early-stopping", type=int, help="Stop after N evaluations without improvement.")
 @click.option("--nproc", type=int, help="Train data-parallel in N processes on this machine (torchrun, DDP).  "
               "[default: 1]")
-@click.option("--fsdp", is_flag=True, default=None, help="Shard the model across the processes (FSDP).")
-@click.option("--tensorboard", is_flag=True, default=None, help="Also log to OUT/tensorboard.")
+@click.option("--fsdp/--no-fsdp", default=None, help="Shard the model across the processes (FSDP).")
+@click.option("--tensorboard/--no-tensorboard", default=None, help="Also log to OUT/tensorboard.")
 @click.option("--resume", "resume_dir", help="Continue the run in this directory from its latest checkpoint, "
               "with its saved options.")
 @_common
@@ -161,7 +162,8 @@ def train(config_file: str | None, resume_dir: str | None, debug: bool, **flags:
         file_values = read_yaml(config_file) if config_file else {}
         options = build_options(file_values, given, source=config_file or "")
     if options.nproc > 1 and not under_torchrun():
-        args = ["train", "--resume", resume_dir] if resume_dir else ["train", "--config", _launch_config(options)]
+        args = (["train", "--resume", resume_dir] + (["--device", options.device] if options.device else [])
+                if resume_dir else ["train", "--config", _launch_config(options)])
         status = launch(options.nproc, args + (["--quiet"] if options.quiet else []) + (["--debug"] if debug else []))
         if status != 0:
             raise click.ClickException(f"training in {options.nproc} processes failed (exit status {status})")
@@ -190,7 +192,8 @@ def _launch_config(options: Any) -> str:
 @click.option("--model", help="The base model: a local directory or 'minilm'.  [default: the one the "
               "adapter was trained on]")
 @click.option("--adapter", required=True, help="An adapter directory or a run directory (holding adapter/).")
-@click.option("--data", help="CSV/TSV/JSONL file to evaluate on.  [default: the run's evaluation data]")
+@click.option("--data", help="Data to evaluate on, in the run's format (a CSV/TSV/JSONL file, or an image folder).  "
+              "[default: the run's evaluation data]")
 @click.option("--batch-size", type=int, help="[default: the training batch size]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
 @_common

@@ -36,14 +36,28 @@ def step_dir(out: Path, step: int) -> Path:
     return out / DIR / f"step-{step}"
 
 
-def latest(out: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+def complete(out: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest (lowest step) first."""
     root = out / DIR
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _STEP.fullmatch(p.name)) and (p / STATE_FILE).is_file() and (p / TRAINER_FILE).is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest(out: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = complete(out)
+    return found[-1] if found else None
+
+
+def prune(out: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recent complete checkpoints; returns those deleted."""
+    old = complete(out)[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -109,7 +109,8 @@ def read_run_options(out: str) -> TrainOptions:
 class Engine:
     def __init__(self, options: TrainOptions, console: Console, world: World) -> None:
         self.options, self.console, self.world = options, console, world
-        self.out = Path(options.out or rundir.default_out(options.method))
+        # every process must use rank 0's directory (a default name holds the time of day)
+        self.out = Path(distributed.gather_objects(world, options.out or rundir.default_out(options.method))[0])
         self.pos = Position(world_size=world.size)
         self.metrics: MetricsLog | None = None
         self.board: TensorBoard | None = None
@@ -127,6 +128,8 @@ class Engine:
         if ckpt is not None:
             self._restore(ckpt)
         if self.world.main:
+            if ckpt is None:
+                self._clear_earlier_run()
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / OPTIONS_FILE, o.to_dict())
             self.metrics = MetricsLog(self.out / "metrics.jsonl", keep_until=self.pos.step if ckpt else None)
@@ -144,6 +147,17 @@ class Engine:
             self.board.close()
         return summary
 
+    def _clear_earlier_run(self) -> None:
+        """A fresh run in the directory of an earlier one: its checkpoints, best adapter and
+        TensorBoard log go (a later --resume must not continue the earlier run's checkpoints)."""
+        import shutil
+
+        stale = [self.out / d for d in (checkpoint.DIR, BEST_DIR, "tensorboard") if (self.out / d).exists()]
+        for path in stale:
+            shutil.rmtree(path)
+        if stale:
+            self.console.info(f"replaced an earlier run's {', '.join(p.name + '/' for p in stale)} in {self.out}")
+
     def _check_options(self) -> None:
         o = self.options
         if o.bf16 and self.world.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -151,6 +165,12 @@ class Engine:
         if o.fsdp and o.method in ("prompt", "ptuning", "prefix"):
             raise ConfigError(f"--fsdp shards weight-side adapters (lora, dora, ia3, adapter); --method {o.method} "
                               "trains a few virtual tokens: drop --fsdp")
+        if o.gradient_checkpointing and o.method == "prefix":
+            raise ConfigError("--gradient-checkpointing recomputes the layers without their key/value cache, "
+                              "where prefix tuning puts its prefixes; drop one of --gradient-checkpointing and "
+                              "--method prefix")
+        if o.save_limit is not None and o.save_steps is None:
+            raise ConfigError("--save-limit keeps the most recent checkpoints; set --save-steps N to write them")
         if o.fsdp and o.quant_type:
             raise ConfigError("--fsdp with a 4-bit base is not supported; drop --fsdp or --quantize/--method qlora")
         if o.early_stopping is not None and o.eval_steps is None and o.epochs < 2 and o.max_steps is None:
@@ -363,6 +383,8 @@ class Engine:
 
             checkpoint.write_dir(checkpoint.step_dir(self.out, pos.step), fill)
             self.console.info(f"checkpoint: {checkpoint.step_dir(self.out, pos.step)}")
+            if self.options.save_limit is not None:
+                checkpoint.prune(self.out, self.options.save_limit)
         distributed.barrier(self.world)
 
     def _state_module(self) -> nn.Module:
@@ -394,7 +416,7 @@ class Engine:
         """Write ``adapter/``: the best evaluated adapter with ``--keep-best``, else the last."""
         o, pos = self.options, self.pos
         final = self.out / rundir.ADAPTER_DIR
-        if o.keep_best and pos.best is not None and (self.out / BEST_DIR).is_dir():
+        if o.keep_best and pos.best is not None:  # the same answer on every process (no file test)
             if self.world.main:
                 import shutil
 

@@ -77,6 +77,9 @@ class ImageClassifyTask(Task):
     def save_files(self, adapter_dir: Path, data: TaskData) -> None:
         write_json(Path(adapter_dir) / rundir.LABELS_FILE, _labels_of(data).to_json())
 
+    def summary_extras(self, data: TaskData) -> dict[str, Any]:
+        return {"labels": list(_labels_of(data).names)}
+
 
 def _labels_of(data: TaskData) -> LabelMap:
     """The run's labels: the training set's (``load_data`` made it an ``ImageFolderSet``)."""

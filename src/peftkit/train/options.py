@@ -64,6 +64,7 @@ class TrainOptions:
     max_grad_norm: float = 1.0  # 0: no clipping
     eval_steps: int | None = None  # None: evaluate after every epoch
     save_steps: int | None = None  # None: no checkpoints
+    save_limit: int | None = None  # keep only the N most recent checkpoints (None: all)
     keep_best: bool = False  # adapter/ holds the best evaluated adapter instead of the last
     early_stopping: int | None = None  # stop after this many evaluations without improvement
     nproc: int = 1  # processes (torchrun) when launched by peftkit train
@@ -83,7 +84,7 @@ class TrainOptions:
         for name in ("r", "virtual_tokens", "epochs", "batch_size", "max_length", "grad_accum", "nproc"):
             if getattr(self, name) < 1:
                 fail(name, "a positive integer", getattr(self, name))
-        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping"):
+        for name in ("max_steps", "eval_steps", "save_steps", "save_limit", "early_stopping"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(name, "a positive integer", getattr(self, name))
         if self.max_grad_norm < 0:
@@ -120,7 +121,7 @@ class TrainOptions:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 _INT_FIELDS = {"r", "virtual_tokens", "epochs", "max_steps", "batch_size", "max_length", "seed", "grad_accum",
-               "eval_steps", "save_steps", "early_stopping", "nproc"}
+               "eval_steps", "save_steps", "save_limit", "early_stopping", "nproc"}
 _FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay", "max_grad_norm"}
 _STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device", "quantize", "task", "scheduler"}
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(TrainOptions) if f.type in ("bool", bool)}

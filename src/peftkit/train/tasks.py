@@ -53,9 +53,9 @@ def infer_task(data: str | None) -> str:
     if format_of(data, text) != "jsonl":
         return "classify"  # CSV/TSV: only classification reads them (its reader names a missing column)
     keys = _first_record_keys(data, text)
-    if LABEL_KEY in keys:
+    if LABEL_KEY in (k.lower() for k in keys):  # the classification reader ignores case
         return "classify"
-    if any(k in keys for k in LM_KEYS):
+    if any(k in keys for k in LM_KEYS):  # the causal-LM reader does not
         return "causal-lm"
     found = ", ".join(repr(k) for k in keys) or "none"
     raise DataError(f"{data}: cannot tell the task from the first record (fields {found}): expected 'label' "
@@ -65,5 +65,5 @@ def infer_task(data: str | None) -> str:
 def _first_record_keys(name: str, text: str) -> list[str]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            return [str(k).lower() for k in json_object(name, number, line)]
+            return [str(k) for k in json_object(name, number, line)]
     return []
