@@ -89,6 +89,13 @@ def write_dir(final: Path, fill: Callable[[Path], None]) -> Path:
     return final
 
 
+def copy_files(source: Path, target: Path) -> None:
+    """Copy the files of the directory ``source`` into the existing directory ``target``."""
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():

@@ -418,9 +418,7 @@ class Engine:
         final = self.out / rundir.ADAPTER_DIR
         if o.keep_best and pos.best is not None:  # the same answer on every process (no file test)
             if self.world.main:
-                import shutil
-
-                checkpoint.write_dir(final, lambda tmp: (tmp.rmdir(), shutil.copytree(self.out / BEST_DIR, tmp)))
+                checkpoint.write_dir(final, lambda tmp: checkpoint.copy_files(self.out / BEST_DIR, tmp))
             distributed.barrier(self.world)
             return pos.best, pos.best_step
         self._write_adapter(final)
