@@ -156,7 +156,8 @@ class CausalLMTask(Task):
                          f"{o.max_length} tokens ({tokens / (len(train_set) * o.max_length):.0%} filled)")
         lines += train_stats.lines(o.data, o.max_length) + eval_stats.lines(eval_source, o.max_length)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return TaskData(train_set, eval_set, LMCollate(pad), o.data, eval_source, lines)
+        return TaskData(train_set, eval_set, LMCollate(pad), o.data, eval_source, lines,
+                        train_examples=train_set.examples)
 
     def load_model(self, data: TaskData, device: torch.device) -> tuple[nn.Module, str]:
         tokenizer = self._tokenizer()

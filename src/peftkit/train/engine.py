@@ -191,7 +191,8 @@ class Engine:
         summary = peftkit.trainable_summary(model)
         console.info(f"task: {self.task.name}; model: {o.model} ({model_path}) on {world.device}"
                      + (f", {world.size} processes" + (" (FSDP)" if o.fsdp else " (DDP)") if world.distributed else ""))
-        console.info(f"data: {len(data.train)} training examples from {data.train_source}, "
+        rows = f" in {len(data.train)} packed rows" if data.train_count != len(data.train) else ""
+        console.info(f"data: {data.train_count} training examples{rows} from {data.train_source}, "
                      f"{len(data.eval)} evaluation examples from {data.eval_source}")
         for line in data.lines:
             console.info(line)
@@ -473,7 +474,8 @@ class Engine:
             "model": o.model,
             "model_path": s.model_path,
             "task": task.name,
-            "train_examples": len(s.data.train),
+            "train_examples": s.data.train_count,
+            "train_rows": len(s.data.train),  # what a batch counts: examples, or packed rows
             "eval_data": s.data.eval_source,
             "steps": pos.step,
             "epochs": round(pos.step / self.steps_per_epoch, 3),

@@ -40,6 +40,12 @@ class TaskData:
     train_source: str  # for the console: "demo:demo_train.csv", "data.jsonl", ...
     eval_source: str
     lines: list[str] = field(default_factory=list)  # more console lines ("labels: a, b, c")
+    train_examples: int | None = None  # when the items of ``train`` are not examples (packed rows)
+
+    @property
+    def train_count(self) -> int:
+        """Training examples (not packed rows)."""
+        return self.train_examples if self.train_examples is not None else len(self.train)
 
 
 class Task(ABC):
