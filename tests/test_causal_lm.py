@@ -336,6 +336,7 @@ def test_task_reads_data_holds_out_and_packs(dirs, tmp_path):
     td = task.load_data()
     assert len(td.eval) == 2 and td.eval_source == f"{data} (held-out 20%)"
     assert td.train.examples == 8 and len(td.train) == 3  # 8 examples of 8-9 tokens in rows of 27
+    assert td.train_count == 8  # what the engine reports as training examples
     assert "packing: 8 training examples in 3 rows" in " ".join(td.lines)
     batch = td.collate([td.train[0], td.train[1]])
     assert batch["attention_mask"].shape[0::2] == (2, batch["input_ids"].shape[1])
@@ -500,6 +501,8 @@ def test_train_causal_lm_lowers_the_eval_loss(cli_run):
     summary = json.loads((Path(cli_run["out"]) / "summary.json").read_text())
     assert summary["eval"]["loss"] < summary["eval_before"]["loss"] - 0.1, cli_run["output"]
     assert {"perplexity", "tokens", "n"} <= set(summary["eval"]) and summary["eval"]["n"] == 12
+    assert summary["train_examples"] == len(Path(cli_run["train"]).read_text().splitlines())
+    assert summary["train_rows"] < summary["train_examples"]  # packed
     args = json.loads((Path(cli_run["out"]) / "adapter" / "train_args.json").read_text())
     assert args["task"] == "causal-lm"
     assert json.loads((Path(cli_run["out"]) / "adapter" / "adapter_config.json").read_text())["task_type"] == \
