@@ -79,9 +79,21 @@ def assert_loads(setup, run: Path) -> None:
 
 
 def test_ddp_two_processes_match_one(setup, single):
-    run = train(setup, "ddp", "--batch-size", 4, "--nproc", 2)
+    import shutil
+
+    run = train(setup, "ddp", "--batch-size", 4, "--nproc", 2, "--save-steps", 2)
     assert_same_adapter(single, run)
     assert_loads(setup, run)
+    final = load_file(run / "adapter" / "adapter_model.safetensors")
+    metrics = (run / "metrics.jsonl").read_text()
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    shutil.rmtree(run / "adapter")
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--quiet"])  # 2 processes, as saved
+    assert result.exit_code == 0, result.output
+    again = load_file(run / "adapter" / "adapter_model.safetensors")
+    for key in final:
+        torch.testing.assert_close(final[key], again[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert (run / "metrics.jsonl").read_text() == metrics
     one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in one] == [r["step"] for r in two]  # rank 0 alone wrote the log
