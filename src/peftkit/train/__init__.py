@@ -1,10 +1,11 @@
-"""Training on top of the peftkit library: data, loop, reports, and the task recipes.
+"""Training on top of the peftkit library: the engine, the tasks, data, reports, distribution.
 
-- ``data``: reading and checking labelled files, the label mapping, hold-out split, batches.
-- ``loop``: AdamW with linear warmup/decay, the training loop, evaluation.
-- ``report``: ``metrics.jsonl``, ``summary.json``, ``loss.png`` (atomic writes).
-- ``classify``: the sequence-classification recipe behind ``peftkit train/eval/merge``.
-- ``options``, ``methods``, ``models``, ``rundir``, ``progress``: the pieces the recipes share.
+- ``engine``: the one training loop (``run_training``) for every task, one process or many.
+- ``task`` / ``tasks``: what a task gives the engine; the known tasks and task inference.
+- ``classify``, ``causal_lm``, ``image_classify``: the tasks, with their data readers
+  (``data``, ``lm_data``, ``image_data``), ``eval`` and ``merge``; ``generate`` for causal LMs.
+- ``loop``, ``checkpoint``, ``distributed``: schedules and data order; checkpoints; torchrun.
+- ``options``, ``methods``, ``models``, ``adapted``, ``report``, ``rundir``, ``progress``: shared pieces.
 
 The library core never imports from here.
 """
