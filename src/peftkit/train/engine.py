@@ -482,6 +482,9 @@ class Engine:
             "global_batch": o.batch_size * o.grad_accum * self.world.size,
             "processes": self.world.size,
             "device": str(self.world.device),
+            # rank 0's peak GPU memory over the whole run (weights, activations, optimizer state)
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(self.world.device) if self.world.device.type == "cuda"
+            else None,
             "seed": o.seed,
             "options": o.to_dict(),
             "peftkit_version": peftkit.__version__,
