@@ -78,22 +78,28 @@ def assert_loads(setup, run: Path) -> None:
     assert summary["processes"] == 2 and summary["global_batch"] == 8
 
 
-def test_ddp_two_processes_match_one(setup, single):
+def assert_resumes(run: Path) -> None:
+    """Continued from its step-2 checkpoint, in the 2 processes its options name, a 4-step run
+    writes the adapter and metrics it wrote without the interruption."""
     import shutil
 
-    run = train(setup, "ddp", "--batch-size", 4, "--nproc", 2, "--save-steps", 2)
-    assert_same_adapter(single, run)
-    assert_loads(setup, run)
     final = load_file(run / "adapter" / "adapter_model.safetensors")
     metrics = (run / "metrics.jsonl").read_text()
     shutil.rmtree(run / "checkpoints" / "step-4")
     shutil.rmtree(run / "adapter")
-    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--quiet"])  # 2 processes, as saved
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--quiet"])
     assert result.exit_code == 0, result.output
     again = load_file(run / "adapter" / "adapter_model.safetensors")
     for key in final:
         torch.testing.assert_close(final[key], again[key], atol=1e-6, rtol=1e-5, msg=key)
     assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_ddp_two_processes_match_one(setup, single):
+    run = train(setup, "ddp", "--batch-size", 4, "--nproc", 2, "--save-steps", 2)
+    assert_same_adapter(single, run)
+    assert_loads(setup, run)
+    assert_resumes(run)
     one = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in one] == [r["step"] for r in two]  # rank 0 alone wrote the log
@@ -115,18 +121,10 @@ def test_fsdp_two_processes_write_a_complete_adapter(setup, single):
 
 
 def test_fsdp_run_resumes_in_two_processes(setup):
-    """A sharded run continued from its step-2 checkpoint reaches the uninterrupted adapter."""
-    import shutil
-
+    """A sharded run continued from its step-2 checkpoint reaches the uninterrupted adapter
+    (LoRA dropout on: every process's random numbers are restored)."""
     run = train(setup, "fsdp-resume", "--batch-size", 4, "--nproc", 2, "--fsdp", "--save-steps", 2, "--dropout", 0.1)
-    final = load_file(run / "adapter" / "adapter_model.safetensors")
-    shutil.rmtree(run / "checkpoints" / "step-4")
-    shutil.rmtree(run / "adapter")
-    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--quiet"])  # 2 processes, as saved
-    assert result.exit_code == 0, result.output
-    again = load_file(run / "adapter" / "adapter_model.safetensors")
-    for key in final:
-        torch.testing.assert_close(final[key], again[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert_resumes(run)
 
 
 def test_causal_lm_token_loss_is_normalised_across_processes(tmp_path):
