@@ -255,15 +255,15 @@ class Engine:
         (total,) = distributed.sum_across(world, [float(sum(counts))])
         if total <= 0:
             raise ModelError(f"step {pos.step + 1}: no items to compute a loss on in this batch")
-        loss_sum = 0.0
+        window_loss = torch.zeros((), device=world.device)
         for i, batch in enumerate(window):
             batch = {k: v.to(world.device) for k, v in batch.items()}
             with distributed.gradient_sync(s.module, sync=i == len(window) - 1):
                 with self._autocast():
                     part = self.task.loss_sum(s.module, batch)
                 (part * (world.size / total)).backward()
-            loss_sum += part.item()
-        (loss_sum,) = distributed.sum_across(world, [loss_sum])
+            window_loss += part.detach()
+        (loss_sum,) = distributed.sum_across(world, [window_loss.item()])  # one device sync a step
         loss = loss_sum / total
         if not math.isfinite(loss):
             raise ModelError(f"the loss became {loss} at step {pos.step + 1}; try a lower --lr")
