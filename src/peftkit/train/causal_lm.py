@@ -26,7 +26,7 @@ from .. import ConfigError, ModelError
 from .adapted import Adapted, eval_data_of, load_adapted, merged_model, prepare_out_dir
 from .data import HOLDOUT_FRACTION
 from .lm_data import IGNORE_INDEX, LMCollate, build_dataset, read_lm_examples, split_holdout
-from .models import _dtype_kwargs, _first_line, load_tokenizer, max_positions, resolve_model
+from .models import check_max_length, dtype_kwargs, first_line, load_tokenizer, resolve_model
 from .options import TrainOptions
 from .progress import Console
 from .task import Task, TaskData
@@ -44,9 +44,9 @@ def load_causal_lm(path: str, device: torch.device, tokenizer: Any = None) -> nn
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs())
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: cannot load a causal language model: {_first_line(exc)}") from None
+        raise ModelError(f"{path}: cannot load a causal language model: {first_line(exc)}") from None
     if not _is_causal(model):
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise ModelError(f"{path}: {kind} is not a causal (decoder) language model; the causal-lm task needs one "
@@ -61,12 +61,6 @@ def _is_causal(model: nn.Module) -> bool:
     if getattr(model.config, "is_decoder", False):
         return True
     return any(getattr(m, "is_causal", False) is True for m in model.modules())
-
-
-def _check_length(model: nn.Module, max_length: int) -> None:
-    limit = max_positions(model)
-    if limit is not None and max_length > limit:
-        raise ConfigError(f"--max-length {max_length}: the model has only {limit} positions")
 
 
 # -- loss and metrics ---------------------------------------------------------------------
@@ -162,7 +156,7 @@ class CausalLMTask(Task):
     def load_model(self, data: TaskData, device: torch.device) -> tuple[nn.Module, str]:
         tokenizer = self._tokenizer()
         model = load_causal_lm(self.model_path, device, tokenizer)
-        _check_length(model, self.options.max_length)
+        check_max_length(model, self.options.max_length)
         return model, self.model_path
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -226,7 +220,7 @@ def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_si
         fraction = float(args.get("holdout_fraction") or HOLDOUT_FRACTION)
         _, examples = split_holdout(examples, fraction, int(args.get("seed") or 0), path)
     max_length = int(args.get("max_length") or TrainOptions.max_length)
-    _check_length(adapted.model, max_length)
+    check_max_length(adapted.model, max_length)
     dataset, stats = build_dataset(examples, tokenizer, max_length, path, packing=False)
     for line in stats.lines(path, max_length):
         console.info(line)
@@ -235,21 +229,8 @@ def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_si
     loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=LMCollate(pad))
     console.info(f"evaluating {adapted.adapter_dir} on {len(dataset)} examples from {path}"
                  + (" (held-out part)" if held_out else ""))
-    return evaluate_loader(adapted.model, loader, device, console)
-
-
-def evaluate_loader(model: nn.Module, loader: DataLoader, device: torch.device, console: Console) -> dict[str, Any]:
-    """Token-level loss and perplexity of ``model`` over every batch of ``loader``."""
-    model.eval()
-    totals = {"loss_sum": 0.0, "tokens": 0, "n": 0}
     with console.progress(len(loader), "eval", lines=False) as bar:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            keep = torch.ones(batch["labels"].shape[0], dtype=torch.bool)
-            for k, v in token_loss_sums(model, batch, keep).items():
-                totals[k] += v
-            bar.update()
-    return loss_metrics(totals)
+        return CausalLMTask(TrainOptions()).evaluate(adapted.model, loader, device, progress=bar)
 
 
 def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:

@@ -6,25 +6,22 @@ output per label). Only peftkit's public API is used on the model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import ConfigError
 from . import rundir
 from .adapted import eval_data_of, load_adapted, merged_model, prepare_out_dir
 from .data import (DEMO_EVAL, DEMO_TRAIN, HOLDOUT_FRACTION, Collate, LabelMap, TextClassificationSet, read_examples,
                    split_holdout)
-from .models import load_sequence_classifier, load_tokenizer, max_positions, resolve_model
+from .models import check_max_length, load_sequence_classifier, load_tokenizer, resolve_model
 from .options import TrainOptions
 from .progress import Console
 from .report import write_json
-from .task import Task, TaskData
+from .task import Task, TaskData, accuracy_metrics, classification_sums
 
 TASK = "SEQ_CLS"
 AUTO_CLASS = "AutoModelForSequenceClassification"  # what merge writes
@@ -74,9 +71,7 @@ def _prepare_model(model_name: str, labels: LabelMap, device: torch.device, max_
     model = load_sequence_classifier(path, labels.id2label, device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    limit = max_positions(model)
-    if limit is not None and max_length > limit:
-        raise ConfigError(f"--max-length {max_length}: the model has only {limit} positions")
+    check_max_length(model, max_length)
     return path, model, tokenizer
 
 
@@ -102,18 +97,10 @@ class ClassifyTask(Task):
         return model, path
 
     def eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
-        labels = batch["labels"]  # (B,)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits.float()  # (B, num_labels)
-        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-        correct = logits.argmax(dim=-1) == labels
-        return {"loss_sum": losses[keep].sum().item(), "correct": correct[keep].sum().item(), "n": keep.sum().item()}
+        return classification_sums(model, batch, keep)
 
     def finish_eval(self, sums: dict[str, float]) -> dict[str, Any]:
-        n = int(sums.get("n", 0))
-        if n == 0:
-            return {"accuracy": math.nan, "loss": math.nan, "n": 0}
-        return {"accuracy": sums["correct"] / n, "loss": sums["loss_sum"] / n, "n": n}
+        return accuracy_metrics(sums)
 
     def save_files(self, adapter_dir: Path, data: TaskData) -> None:
         write_json(adapter_dir / rundir.LABELS_FILE, self.labels.to_json())

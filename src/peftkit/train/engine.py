@@ -293,25 +293,13 @@ class Engine:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _evaluate(self, desc: str) -> dict[str, Any]:
+        """Every process evaluates its share; the sums are added across processes."""
         s, world = self.setup, self.world
         module = s.module if self.options.fsdp else s.model
-        was_training = module.training
-        module.eval()
-        totals: dict[str, float] = {}
         t = time.time()
-        try:
-            with self.console.progress(len(s.eval_loader), desc, lines=False) as bar:
-                for batch, keep in s.eval_loader:
-                    batch = {k: v.to(world.device) for k, v in batch.items()}
-                    with self._autocast():
-                        sums = self.task.eval_sums(module, batch, keep.to(world.device))
-                    for k, v in sums.items():
-                        totals[k] = totals.get(k, 0.0) + float(v)
-                    bar.update(1)
-        finally:
-            module.train(was_training)
+        with self.console.progress(len(s.eval_loader), desc, lines=False) as bar:
+            totals = self.task.eval_totals(module, s.eval_loader, world.device, bar, self._autocast)
         keys = sorted(totals)
         totals = dict(zip(keys, distributed.sum_across(world, [totals[k] for k in keys])))
         self.pos.eval_seconds += time.time() - t

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import ConfigError, ModelError
@@ -28,11 +27,11 @@ from .adapted import eval_data_of, load_adapted, merged_model, prepare_out_dir
 from .data import HOLDOUT_FRACTION, Example, LabelMap
 from .image_data import (PROCESSOR_FILE, ImageFolderSet, check_eval_labels, collate_images, label_map,
                          make_preprocess, read_image_folder, split_folder)
-from .models import _dtype_kwargs, _first_line, resolve_model
+from .models import dtype_kwargs, first_line, resolve_model
 from .options import TrainOptions
 from .progress import Console
 from .report import write_json
-from .task import Task, TaskData
+from .task import Task, TaskData, accuracy_metrics, classification_sums
 
 AUTO_CLASS = "AutoModelForImageClassification"  # what loads a merged model (peftkit merge says so)
 HEAD = "classifier"  # the head of ViT, DeiT, BEiT, Swin, ConvNeXt(V2), ResNet, ... image classifiers
@@ -125,39 +124,14 @@ def load_image_classifier(path: str, labels: LabelMap, device: torch.device) -> 
                              "an AutoModelForImageClassification model directory (ViT, ConvNeXt, Swin, ...)")
         model = AutoModelForImageClassification.from_pretrained(
             path, num_labels=len(labels), id2label=labels.id2label, label2id=labels.label2id,
-            ignore_mismatched_sizes=True, **_dtype_kwargs(),
+            ignore_mismatched_sizes=True, **dtype_kwargs(),
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: cannot load an image classification model: {_first_line(exc)}") from None
+        raise ModelError(f"{path}: cannot load an image classification model: {first_line(exc)}") from None
     channels = getattr(model.config, "num_channels", 3)
     if channels != 3:
         raise ModelError(f"{path}: the model takes {channels}-channel images; image folders are read as RGB (3)")
     return model.to(device)
-
-
-# -- evaluation ---------------------------------------------------------------------------
-
-
-def classification_sums(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
-    """``{"correct", "loss_sum", "n"}`` over the examples of ``batch`` where ``keep`` is true.
-
-    ``batch``: the model's inputs (``pixel_values`` (B, 3, H, W)) and ``labels`` (B,);
-    ``keep``: (B,) bool.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"]
-    with torch.no_grad():
-        logits = model(**inputs).logits.float()  # (B, K)
-        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-        keep = keep.to(device=labels.device, dtype=torch.bool)
-        correct = (logits.argmax(dim=-1) == labels) & keep  # (B,)
-    return {"correct": float(correct.sum()), "loss_sum": float(losses[keep].sum()), "n": float(keep.sum())}
-
-
-def accuracy_metrics(sums: dict[str, float]) -> dict[str, Any]:
-    """``{"accuracy", "loss", "n"}`` from the totals of ``classification_sums``."""
-    n = int(sums["n"])
-    return {"accuracy": sums["correct"] / n if n else 0.0, "loss": sums["loss_sum"] / n if n else float("nan"), "n": n}
 
 
 # -- using a trained adapter --------------------------------------------------------------
@@ -192,20 +166,8 @@ def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_si
     loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate_images)
     console.info(f"evaluating {adapted.adapter_dir} on {len(dataset)} images from {path}"
                  + (" (held-out part)" if held_out else ""))
-    return _evaluate(adapted.model, loader, device, console)
-
-
-def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device, console: Console) -> dict[str, Any]:
-    totals = {"correct": 0.0, "loss_sum": 0.0, "n": 0.0}
-    model.eval()
     with console.progress(len(loader), "eval", lines=False) as bar:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            keep = torch.ones(batch["labels"].shape[0], dtype=torch.bool, device=device)  # (B,)
-            for key, value in classification_sums(model, batch, keep).items():
-                totals[key] += value
-            bar.update()
-    return accuracy_metrics(totals)
+        return ImageClassifyTask(TrainOptions()).evaluate(adapted.model, loader, device, progress=bar)
 
 
 def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:

@@ -41,7 +41,7 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _dtype_kwargs() -> dict:
+def dtype_kwargs() -> dict:
     import transformers
     from packaging.version import Version
 
@@ -55,7 +55,7 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"{path}: cannot load a tokenizer: {_first_line(exc)}") from None
+        raise ModelError(f"{path}: cannot load a tokenizer: {first_line(exc)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without a pad token
     return tokenizer
@@ -71,10 +71,10 @@ def load_sequence_classifier(path: str, id2label: dict[int, str], device: torch.
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(id2label), id2label=dict(id2label),
-            label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True, **_dtype_kwargs(),
+            label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True, **dtype_kwargs(),
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}: cannot load a sequence classification model: {_first_line(exc)}") from None
+        raise ModelError(f"{path}: cannot load a sequence classification model: {first_line(exc)}") from None
     return model.to(device)
 
 
@@ -82,6 +82,13 @@ def max_positions(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _first_line(exc: BaseException) -> str:
+def check_max_length(model, max_length: int) -> None:
+    """``--max-length`` must fit the model's positions."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"--max-length {max_length}: the model has only {limit} positions")
+
+
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

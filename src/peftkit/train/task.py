@@ -20,13 +20,16 @@ number of forwards), the engine adds them up over batches and processes, and
 
 from __future__ import annotations
 
+import contextlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .options import TrainOptions
@@ -88,22 +91,30 @@ class Task(ABC):
         """Files the task keeps next to the adapter (``labels.json``, ...); called on rank 0 only."""
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, progress: Any = None) -> dict[str, Any]:
-        """``finish_eval`` over every batch of ``loader`` in one process (``peftkit eval``)."""
+    def eval_totals(self, model: nn.Module, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]],
+                    device: torch.device, progress: Any = None,
+                    autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+        """The sums of ``eval_sums`` over ``(batch, keep)`` pairs, in eval mode (the mode is restored)."""
         was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
         try:
-            for batch in loader:
+            for batch, keep in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                keep = torch.ones(next(iter(batch.values())).shape[0], dtype=torch.bool, device=device)
-                for k, v in self.eval_sums(model, batch, keep).items():
+                with autocast():
+                    sums = self.eval_sums(model, batch, keep.to(device))
+                for k, v in sums.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 if progress is not None:
                     progress.update(1)
         finally:
             model.train(was_training)
-        return self.finish_eval(totals)
+        return totals
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, progress: Any = None) -> dict[str, Any]:
+        """``finish_eval`` over every batch of ``loader`` in one process (``peftkit eval``)."""
+        every = ((batch, torch.ones(batch["labels"].shape[0], dtype=torch.bool)) for batch in loader)
+        return self.finish_eval(self.eval_totals(model, every, device, progress))
 
     def summary_extras(self, data: TaskData) -> dict[str, Any]:
         """More entries for ``summary.json`` (``{"labels": [...]}``, ...)."""
@@ -114,3 +125,28 @@ class Task(ABC):
         head = f"{self.metric} {result[self.metric]:.4f}"
         rest = f"loss {result['loss']:.4f}, " if self.metric != "loss" else ""
         return f"{head} ({rest}n={result['n']})"
+
+
+# -- shared by the classification tasks (text and images) ---------------------------------
+
+
+def classification_sums(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
+    """``{"correct", "loss_sum", "n"}`` over the examples of ``batch`` where ``keep`` (B,) is true.
+
+    ``batch``: the model's inputs and ``labels`` (B,); the model returns ``logits`` (B, K)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()  # (B, K)
+        losses = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+        keep = keep.to(device=labels.device, dtype=torch.bool)
+        correct = (logits.argmax(dim=-1) == labels) & keep  # (B,)
+    return {"correct": float(correct.sum()), "loss_sum": float(losses[keep].sum()), "n": float(keep.sum())}
+
+
+def accuracy_metrics(sums: dict[str, float]) -> dict[str, Any]:
+    """``{"accuracy", "loss", "n"}`` from the totals of ``classification_sums`` (NaN with no examples)."""
+    n = int(sums.get("n", 0))
+    if n == 0:
+        return {"accuracy": math.nan, "loss": math.nan, "n": 0}
+    return {"accuracy": sums["correct"] / n, "loss": sums["loss_sum"] / n, "n": n}
