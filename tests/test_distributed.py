@@ -16,7 +16,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import peftkit
 from peftkit.cli import cli
 
 from cli_helpers import save_tiny_bert
@@ -68,14 +67,15 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 
 def assert_loads(setup, run: Path) -> None:
-    """The adapter loads into a fresh base, giving the run's final evaluation."""
-    from transformers import AutoModelForSequenceClassification
-
-    _, model_dir, _ = setup
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    peftkit.load(base, run / "adapter")
+    """The adapter loads into a fresh base (strictly: every key, every shape) and gives the run's
+    final evaluation there."""
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch"] == 8
+    result = CliRunner().invoke(cli, ["eval", "--adapter", str(run / "adapter"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["n"] == summary["eval"]["n"] and metrics["accuracy"] == summary["eval"]["accuracy"]
+    assert metrics["loss"] == pytest.approx(summary["eval"]["loss"], abs=1e-5)
 
 
 def assert_resumes(run: Path) -> None:

@@ -131,11 +131,6 @@ def _fully_shard(model: nn.Module, world: World) -> nn.Module:
     return model
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside a DDP wrapper (FSDP shards in place: the model is the module)."""
-    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
-
-
 @contextlib.contextmanager
 def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
     """Reduce gradients across processes on this backward only when ``sync`` (accumulation)."""
