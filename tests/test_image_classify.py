@@ -17,7 +17,8 @@ import torch
 import peftkit
 from peftkit import ConfigError, DataError, ModelError
 from peftkit.train.data import Example
-from peftkit.train.image_classify import ImageClassifyTask, classification_sums, image_splits
+from peftkit.train.image_classify import ImageClassifyTask, image_splits
+from peftkit.train.task import classification_sums
 from peftkit.train.image_data import (ImageFolderSet, _model_image_size, collate_images, label_map, make_preprocess,
                                       read_image_folder, split_folder)
 from peftkit.train.options import TrainOptions

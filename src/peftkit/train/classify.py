@@ -20,8 +20,7 @@ from .data import (DEMO_EVAL, DEMO_TRAIN, HOLDOUT_FRACTION, Collate, LabelMap, T
 from .models import check_max_length, load_sequence_classifier, load_tokenizer, resolve_model
 from .options import TrainOptions
 from .progress import Console
-from .report import write_json
-from .task import Task, TaskData, accuracy_metrics, classification_sums
+from .task import ClassificationTask, TaskData
 
 TASK = "SEQ_CLS"
 AUTO_CLASS = "AutoModelForSequenceClassification"  # what merge writes
@@ -75,13 +74,11 @@ def _prepare_model(model_name: str, labels: LabelMap, device: torch.device, max_
     return path, model, tokenizer
 
 
-class ClassifyTask(Task):
+class ClassifyTask(ClassificationTask):
     """Text classification (single texts or sentence pairs) with ``AutoModelForSequenceClassification``."""
 
     name = "classify"
     peft_task_type = TASK
-    metric = "accuracy"
-    higher_is_better = True
 
     def load_data(self) -> TaskData:
         splits = load_splits(self.options)
@@ -95,18 +92,6 @@ class ClassifyTask(Task):
     def load_model(self, data: TaskData, device: torch.device) -> tuple[torch.nn.Module, str]:
         path, model, _ = _prepare_model(self.options.model, self.labels, device, self.options.max_length)
         return model, path
-
-    def eval_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
-        return classification_sums(model, batch, keep)
-
-    def finish_eval(self, sums: dict[str, float]) -> dict[str, Any]:
-        return accuracy_metrics(sums)
-
-    def save_files(self, adapter_dir: Path, data: TaskData) -> None:
-        write_json(adapter_dir / rundir.LABELS_FILE, self.labels.to_json())
-
-    def summary_extras(self, data: TaskData) -> dict[str, Any]:
-        return {"labels": list(self.labels.names)}
 
 
 # -- using a trained adapter --------------------------------------------------------------

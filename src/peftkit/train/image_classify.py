@@ -30,20 +30,17 @@ from .image_data import (PROCESSOR_FILE, ImageFolderSet, check_eval_labels, coll
 from .models import dtype_kwargs, first_line, resolve_model
 from .options import TrainOptions
 from .progress import Console
-from .report import write_json
-from .task import Task, TaskData, accuracy_metrics, classification_sums
+from .task import ClassificationTask, TaskData
 
 AUTO_CLASS = "AutoModelForImageClassification"  # what loads a merged model (peftkit merge says so)
 HEAD = "classifier"  # the head of ViT, DeiT, BEiT, Swin, ConvNeXt(V2), ResNet, ... image classifiers
 
 
-class ImageClassifyTask(Task):
+class ImageClassifyTask(ClassificationTask):
     """``--task image-classify``: cross-entropy over the classes, accuracy as the metric."""
 
     name = "image-classify"
     peft_task_type = None  # HF PEFT has no task type for images
-    metric = "accuracy"
-    higher_is_better = True
     modules_to_save = [HEAD]  # the new head (ViT and ConvNeXt both name it "classifier")
 
     def load_data(self) -> TaskData:
@@ -53,6 +50,7 @@ class ImageClassifyTask(Task):
         model_path = resolve_model(self.options.model)
         labels, train_ex, eval_ex, eval_source, ignored = image_splits(
             self.options.data, self.options.eval_data, HOLDOUT_FRACTION, self.options.seed)
+        self.labels = labels
         preprocess = make_preprocess(model_path)
         train = ImageFolderSet(train_ex, labels, preprocess, self.options.data)
         evaluation = ImageFolderSet(eval_ex, labels, preprocess, self.options.eval_data or self.options.data)
@@ -65,26 +63,7 @@ class ImageClassifyTask(Task):
 
     def load_model(self, data: TaskData, device: torch.device) -> tuple[nn.Module, str]:
         path = resolve_model(self.options.model)
-        return load_image_classifier(path, _labels_of(data), device), path
-
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
-        return classification_sums(model, batch, keep)
-
-    def finish_eval(self, sums: dict[str, float]) -> dict[str, Any]:
-        return accuracy_metrics(sums)
-
-    def save_files(self, adapter_dir: Path, data: TaskData) -> None:
-        write_json(Path(adapter_dir) / rundir.LABELS_FILE, _labels_of(data).to_json())
-
-    def summary_extras(self, data: TaskData) -> dict[str, Any]:
-        return {"labels": list(_labels_of(data).names)}
-
-
-def _labels_of(data: TaskData) -> LabelMap:
-    """The run's labels: the training set's (``load_data`` made it an ``ImageFolderSet``)."""
-    if not isinstance(data.train, ImageFolderSet):
-        raise TypeError(f"image-classify: expected the TaskData of its load_data, found {type(data.train).__name__}")
-    return data.train.labels
+        return load_image_classifier(path, self.labels, device), path
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -188,6 +167,3 @@ def merge_adapter(adapter: str, model: str | None, out: str, console: Console, q
     console.info(f"merged {adapted.adapter_dir} into {adapted.model_path}")
     return out_dir
 
-
-__all__ = ["ImageClassifyTask", "evaluate_adapter", "merge_adapter", "load_image_classifier", "image_splits",
-           "classification_sums", "accuracy_metrics"]

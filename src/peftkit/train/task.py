@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .data import LabelMap
 from .options import TrainOptions
 
 
@@ -128,6 +129,30 @@ class Task(ABC):
 
 
 # -- shared by the classification tasks (text and images) ---------------------------------
+
+
+class ClassificationTask(Task):
+    """A task that sorts examples into the labels of its training data (``classify``,
+    ``image-classify``): cross-entropy, accuracy, and ``labels.json`` beside the adapter."""
+
+    metric = "accuracy"
+    higher_is_better = True
+    labels: LabelMap  # set by load_data
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
+        return classification_sums(model, batch, keep)
+
+    def finish_eval(self, sums: dict[str, float]) -> dict[str, Any]:
+        return accuracy_metrics(sums)
+
+    def save_files(self, adapter_dir: Path, data: TaskData) -> None:
+        from . import rundir
+        from .report import write_json
+
+        write_json(Path(adapter_dir) / rundir.LABELS_FILE, self.labels.to_json())
+
+    def summary_extras(self, data: TaskData) -> dict[str, Any]:
+        return {"labels": list(self.labels.names)}
 
 
 def classification_sums(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
