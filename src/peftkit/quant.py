@@ -5,6 +5,13 @@ bitsandbytes' ``Linear4bit`` (which runs on the CPU as well as on CUDA); computa
 16/32-bit ``compute_dtype``; LoRA units on top are ordinary units (``Linear4bit`` is an
 ``nn.Linear``), so ``apply`` / ``save`` / ``load`` need nothing special.
 
+bitsandbytes repacks a ``Linear4bit`` for its AVX512-BF16 CPU kernel on the layer's first
+eval-mode forward (bfloat16 block scales, another weight layout). That packed form breaks
+everything else peftkit does with the layer: dequantizing it gives wrong values, a training
+forward over it fails or loses the input gradient, and the repack itself fails on layers with
+fewer than 64 inputs. So every 4-bit layer peftkit creates or touches is ``settle``d: its repack
+switch is turned off, and a layer packed before peftkit saw it is unpacked first.
+
 Merging is this module's other job (``dense_copy`` / ``quantized_copy``): the host layer
 swaps a 4-bit base for a dense copy holding the dequantized weights — the function the adapter
 was trained against — folds the units into that, and requantizes only when asked. The original
@@ -34,6 +41,34 @@ def is_quantized(module: nn.Module) -> bool:
     return type(weight).__name__ == "Params4bit"
 
 
+def settle(layer: nn.Module) -> nn.Module:
+    """Keep the 4-bit ``layer`` in bitsandbytes' portable layout; returns it.
+
+    Turns off the AVX512-BF16 CPU repack (``support_avx512bf16_for_cpu``) and unpacks a weight
+    that was repacked already (an eval forward before peftkit saw the layer). Unpacking restores
+    the 4-bit codes exactly; the block scales keep the bfloat16 rounding the repack gave them.
+    """
+    if hasattr(layer, "support_avx512bf16_for_cpu"):  # bitsandbytes >= 0.48
+        layer.support_avx512bf16_for_cpu = False
+    weight = layer._parameters.get("weight")
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if getattr(layer, "quant_state", None) is not None:
+            layer.quant_state = weight.quant_state
+    return layer
+
+
+def settle_all(model: nn.Module) -> nn.Module:
+    """``settle`` every 4-bit layer of ``model``; returns the model."""
+    for module in model.modules():
+        if is_quantized(module):
+            settle(module)
+    return model
+
+
 def _to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, double_quant: bool,
              compute_dtype: torch.dtype) -> nn.Module:
     """A ``Linear4bit`` computing ``x @ weight.T + bias``; ``weight`` is (out, in)."""
@@ -45,13 +80,13 @@ def _to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, d
                                      compress_statistics=double_quant, quant_type=quant_type)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
-    return layer.to(weight.device)  # quantizes on the move
+    return settle(layer.to(weight.device))  # quantizes on the move
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight a 4-bit layer computes with, in its compute dtype."""
     bnb = _bnb()
-    w = module.weight
+    w = settle(module).weight
     dense = bnb.functional.dequantize_4bit(w.data, w.quant_state)
     return dense.to(module.compute_dtype or torch.float32)
 
@@ -72,7 +107,7 @@ def dense_copy(module: nn.Module) -> nn.Linear:
 
 def quantized_copy(dense: nn.Linear, like: nn.Module) -> nn.Module:
     """``dense`` quantized again with the settings of the 4-bit layer ``like``."""
-    state = like.weight.quant_state
+    state = settle(like).weight.quant_state
     layer = _to_4bit(dense.weight, dense.bias, state.quant_type, like.weight.compress_statistics,
                      like.compute_dtype or dense.weight.dtype)
     layer.train(like.training)
@@ -127,7 +162,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     seen = set()
     for module in model.modules():
         if is_quantized(module):
-            w = module.weight
+            w = settle(module).weight
             four_bit += w.numel() * w.element_size()
             state = w.quant_state
             four_bit += state.absmax.numel() * state.absmax.element_size()
@@ -149,12 +184,14 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
     """What training over a 4-bit base needs; returns the model.
 
+    - Every 4-bit layer is ``settle``d (no AVX512-BF16 CPU repack: it cannot train).
     - Layer norms are kept in float32 (a half-precision norm over 4-bit outputs is where
       training diverges); nothing else is upcast (no blanket float32 copy of the embeddings).
     - With ``gradient_checkpointing``, the model's input embeddings produce outputs that require
       grad (``enable_input_require_grads``), so checkpointed blocks have something to
       differentiate although the embedding is frozen, and non-reentrant checkpointing is turned on.
     """
+    settle_all(model)
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
             module.float()
