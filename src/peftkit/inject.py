@@ -7,7 +7,7 @@ import copy
 import torch.nn as nn
 
 from . import adapters as ops
-from . import registry
+from . import quant, registry
 from .config import PeftConfig
 from .errors import ConfigError, ModelError
 from .layer import AdapterLayer, SavedModule
@@ -44,22 +44,33 @@ def apply(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Mod
 
     The matched modules are wrapped, every base parameter is frozen, the new adapter (and its
     ``modules_to_save`` copies) is trainable, and it becomes the one active adapter.
+    A ``task_type`` of None is inferred from the model class, and the task's head
+    (``classifier`` / ``score`` for SEQ_CLS) is added to ``modules_to_save``.
     """
+    return build(model, config, name, infer_defaults=True)
+
+
+def build(model: nn.Module, config: PeftConfig, name: str, infer_defaults: bool) -> nn.Module:
+    """``apply``, and ``io.load`` with ``infer_defaults=False``: a file's config is the truth,
+    so nothing it states (task type, ``modules_to_save``) is re-derived from the model."""
     if not isinstance(config, PeftConfig):
         raise ConfigError(f"config: expected a peftkit config (e.g. LoraConfig), found {type(config).__name__}")
-    if not isinstance(name, str) or not name or "." in name:
-        raise ConfigError(f"adapter name: expected a non-empty string without '.', found {name!r}")
+    check_adapter_name(name)
     method = registry.method_for(config)
     state = get_state(model, create=True)
     if name in state.configs:
         raise ConfigError(f"an adapter named {name!r} exists already; delete it or choose another name")
     if ops.is_merged(model):
         raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before adding one")
-    config = _with_task_defaults(model, copy.deepcopy(config))  # the caller's config stays as given
+    config = copy.deepcopy(config)  # the caller's config stays as given
+    if infer_defaults:
+        config = _with_task_defaults(model, config)
+    quant.settle_all(model)  # no 4-bit layer may take bitsandbytes' AVX512-BF16 repack (see quant)
     if method.prepare is not None:
         config = method.prepare(model, config)
     try:
-        _check_saved_modules(model, config)
+        if infer_defaults:  # a file's entries that match nothing are left to the strict key check
+            _check_saved_modules(model, config)
         if method.make_unit is not None:
             targets = find_targets(model, config, method.default_targets)
             # Build every unit before touching the model, so a refused layer changes nothing.
@@ -82,6 +93,14 @@ def apply(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Mod
     _freeze_all_but(model, name, config)
     ops.set_active(model, name)
     return model
+
+
+def check_adapter_name(name: object) -> None:
+    """An adapter name is a plain identifier-like string: no '.', no path separators, not '..'
+    (names end up in module paths, and HF PEFT puts non-default adapters in sub-directories)."""
+    if not isinstance(name, str) or not name or name.strip() != name or any(c in name for c in "./\\\0"):
+        raise ConfigError(f"adapter name: expected a non-empty string without '.', '/', '\\' or spaces around it, "
+                          f"found {name!r}")
 
 
 def _with_task_defaults(model: nn.Module, config: PeftConfig) -> PeftConfig:
