@@ -518,3 +518,62 @@ def test_dtypes_preserved_like_hf(dtype, tmp_path) -> None:
     assert ours["base_model.model.classifier.weight"].dtype == dtype
     lora_dtype = dtype if dtype == torch.float64 else torch.float32
     assert {t.dtype for k, t in ours.items() if "lora_" in k} == {lora_dtype}
+
+
+# -- the file is the truth: nothing it states is re-inferred from the model when loading -------
+
+
+def _hf_null_task_adapter(tmp_path, **extra):
+    """An HF PEFT LoRA file with ``task_type: null`` over a sequence classifier: HF PEFT keeps the
+    base's own head (it is not in modules_to_save)."""
+    base = tiny_bert()
+    hf = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False,
+                                                   **extra))
+    hf.save_pretrained(tmp_path)
+    with open(tmp_path / "adapter_config.json") as f:
+        assert json.load(f)["task_type"] is None
+    return peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+
+
+def test_hf_file_with_null_task_type_loads_into_a_classifier(tmp_path) -> None:
+    theirs = _hf_null_task_adapter(tmp_path)
+    ours = peftkit.load(tiny_bert(), tmp_path)
+    inputs = model_inputs("bert")
+    torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=0, atol=ATOL)
+    config = peftkit.state.get_state(ours).configs["default"]
+    assert config.task_type is None and not config.modules_to_save  # as the file says: no head added
+    out = tmp_path / "again"
+    peftkit.save(ours, out)  # written back as it was read
+    with open(out / "adapter_config.json") as f:
+        data = json.load(f)
+    assert data["task_type"] is None and not data["modules_to_save"]
+    assert set(load_file(out / WEIGHTS)) == set(load_file(tmp_path / WEIGHTS))
+
+
+def test_hf_file_naming_its_own_modules_to_save_loads_only_those(tmp_path) -> None:
+    base = tiny_bert()
+    hf = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["query"], init_lora_weights=False,
+                                                   modules_to_save=["pooler.dense"]))
+    with torch.no_grad():
+        hf.base_model.model.bert.pooler.dense.modules_to_save["default"].weight.add_(0.5)
+    hf.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    ours = peftkit.load(tiny_bert(), tmp_path)
+    assert peftkit.state.get_state(ours).configs["default"].modules_to_save == ["pooler.dense"]
+    inputs = model_inputs("bert")
+    torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=0, atol=ATOL)
+
+
+def test_prompt_file_with_null_task_type_is_refused_naming_the_file(tmp_path) -> None:
+    hf = peft.get_peft_model(tiny_bert(), peft.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["task_type"] = None
+    path.write_text(json.dumps(data))
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftkit.AdapterFileError, match=r"adapter_config.json: task_type None"):
+        peftkit.load(model, tmp_path)
+    assert not peftkit.state.has_adapters(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

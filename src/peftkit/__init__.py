@@ -8,7 +8,7 @@
 
 from .adapters import TrainableSummary, active_adapters, adapted_modules, delete, disabled, merge, set_active, trainable_summary, unmerge
 from .config import PeftConfig
-from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError
+from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError, PeftkitWarning
 from .inject import apply, infer_task_type, unload
 from .io import load, read_config, save
 from .merge_report import MergeReport
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "ConfigError", "MergeReport", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
-    "PeftkitError", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PTuningConfig",
+    "PeftkitError", "PeftkitWarning", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PTuningConfig",
     "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "infer_task_type",
     "load", "merge", "prepare_for_kbit_training", "quantize", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]

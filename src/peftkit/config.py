@@ -4,15 +4,21 @@ Field names follow Hugging Face PEFT's ``adapter_config.json`` so that files map
 HF PEFT writes some 40 fields; peftkit reads them all: a field it does not implement is
 accepted when it holds HF's default (or an empty value) and refused with a clear
 ``ConfigError`` otherwise, so a file never loads into something that computes differently.
+A field no version of peftkit knows (one from a newer HF PEFT) is a warning naming the file
+and the field when its value is empty (null, false, ``{}``, ``[]``, ``""``), an error otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, PeftkitWarning
 
 TASK_TYPES = (
     "SEQ_CLS",
@@ -63,6 +69,12 @@ class PeftConfig:
             raise ConfigError(
                 f"task_type: expected one of {', '.join(TASK_TYPES)} or None, found {self.task_type!r}"
             )
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)  # a str in the file
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: expected a string or None, found {getattr(self, name)!r}")
+        check_bool("inference_mode", self.inference_mode)
 
     # -- JSON round trip --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +119,9 @@ class PeftConfig:
                     )
             elif not _is_empty(value):
                 raise ConfigError(f"{source}: unknown field {key!r} = {value!r} for {cls.peft_type}")
+            else:  # e.g. a newer HF PEFT's feature, written at its "off" value
+                warnings.warn(f"{source}: unknown field {key!r} = {value!r} for {cls.peft_type} ignored "
+                              "(it is empty)", PeftkitWarning, stacklevel=2)
         try:
             return cls(**kwargs)
         except ConfigError as exc:
@@ -126,10 +141,36 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name}: expected a positive integer, found {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, found {value!r}")
+
+
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
     _check_type(name, value, (int, float), "a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, found {value!r}")
     if (low is not None and value < low) or (high is not None and value >= high):
         raise ConfigError(f"{name}: expected a number in [{low}, {high}), found {value!r}")
+
+
+def check_regex(name: str, value: str, template: str = "{}") -> None:
+    """``value`` (put into ``template``, as the matcher uses it) must compile as a regex."""
+    try:
+        re.compile(template.format(value))
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{name}: expected a valid regular expression, found {value!r} ({exc})") from None
+
+
+def check_layer_indices(name: str, value: Any) -> Any:
+    """None, a layer index or a list of them (an index becomes a one-element list)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if value is not None and not (
+        isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    ):
+        raise ConfigError(f"{name}: expected a layer index or a list of them, found {value!r}")
+    return value
 
 
 def check_names(name: str, value: Any, allow_str: bool = True) -> None:
@@ -139,9 +180,21 @@ def check_names(name: str, value: Any, allow_str: bool = True) -> None:
     if isinstance(value, str):
         if not allow_str:
             raise ConfigError(f"{name}: expected a list of module names, found {value!r}")
+        check_regex(name, value)
         return
     if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{name}: expected a list of module names or a regex string, found {value!r}")
+
+
+LAYERS_PATTERN_TEMPLATE = r"(?:^|.*?\.){}\.(\d+)\."  # how targeting.layer_index uses a layers_pattern
+PATTERN_KEY_TEMPLATE = r"(.*\.)?(?:{})"  # how targeting.pattern_value uses a rank/alpha_pattern key
+
+
+def check_layers_pattern(value: Any) -> None:
+    """None, or a layer-list name (a regex) or a list of them."""
+    check_names("layers_pattern", value)
+    for pattern in [value] if isinstance(value, str) else (value or []):
+        check_regex("layers_pattern", pattern, LAYERS_PATTERN_TEMPLATE)
 
 
 def normalize_names(value: Any) -> Any:

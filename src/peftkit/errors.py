@@ -22,3 +22,8 @@ class AdapterFileError(PeftkitError, ValueError):
 
 class ModelError(PeftkitError, RuntimeError):
     """The model is in a state the operation cannot work on (e.g. merged, unknown adapter)."""
+
+
+class PeftkitWarning(UserWarning):
+    """Something peftkit accepted but the user should know (e.g. an unknown, empty config field);
+    the CLI prints it as one ``Warning: ...`` line."""

@@ -66,9 +66,9 @@ def build(model: nn.Module, config: PeftConfig, name: str, infer_defaults: bool)
     if infer_defaults:
         config = _with_task_defaults(model, config)
     quant.settle_all(model)  # no 4-bit layer may take bitsandbytes' AVX512-BF16 repack (see quant)
-    if method.prepare is not None:
-        config = method.prepare(model, config)
     try:
+        if method.prepare is not None:
+            config = method.prepare(model, config)
         if infer_defaults:  # a file's entries that match nothing are left to the strict key check
             _check_saved_modules(model, config)
         if method.make_unit is not None:

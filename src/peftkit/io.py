@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import pickle
 
 import torch
 import torch.nn as nn
@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import adapters as ops
+from . import atomic
+from .atomic import write_atomic  # noqa: F401 - peftkit.io.write_atomic, as before
 from .config import CONFIG_NAME
 from .errors import AdapterFileError, ConfigError, ModelError
-from .inject import adapter_parameters, apply
+from .inject import adapter_parameters, build, check_adapter_name
 from .layer import FILE_PREFIX as PREFIX
 from .layer import AdapterLayer, Host
 from .registry import config_from_dict, method_for
@@ -35,32 +37,6 @@ from .targeting import logical_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-
-
-def _new_file_mode() -> int:
-    """The mode ``open`` gives a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600 files; others may need to read ours
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -90,13 +66,33 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default",
          tensors: dict[str, torch.Tensor] | None = None) -> str:
     """Write adapter ``name`` into ``directory`` (created if needed); returns the directory.
 
-    ``tensors``: the adapter's tensors as ``adapter_tensors`` keys them, when they are not the
-    live ones (a trainer that gathered the shards of a sharded model passes them here).
+    The directory is built whole in a hidden temporary sibling and renamed into place, so a
+    crash leaves the old adapter or the new one, never a new weights file with an old config.
+    Other files of an existing ``directory`` (``labels.json``, a user's notes) are carried
+    over into the new one. ``tensors``: the adapter's tensors as ``adapter_tensors`` keys them,
+    when they are not the live ones (a trainer that gathered the shards of a sharded model
+    passes them here).
     """
+    weights, config_text = _adapter_files(model, name, tensors)
+    directory = os.fspath(directory)
+    if _in_place_only(directory):  # the working directory or a mount point cannot be renamed
+        _write_files(directory, weights, config_text)
+    else:
+        atomic.write_dir(directory, lambda tmp: _write_files(tmp, weights, config_text), carry=True)
+    return directory
+
+
+def write_files(model: nn.Module, directory: str | os.PathLike, name: str = "default",
+                tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter ``name``'s two files into the existing ``directory``, one after the other
+    (each atomically): for a caller that builds a whole directory with ``atomic.write_dir``."""
+    _write_files(os.fspath(directory), *_adapter_files(model, name, tensors))
+
+
+def _adapter_files(model: nn.Module, name: str, tensors: dict[str, torch.Tensor] | None) -> tuple[bytes, bytes]:
+    """(the safetensors bytes, the config JSON) of adapter ``name``."""
     state = get_state(model)
     config = check_name(state, name)
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     live = adapter_tensors(model, name)
     if tensors is not None and set(tensors) != set(live):
         raise ModelError(f"save: the tensors given do not match adapter {name!r} "
@@ -104,9 +100,24 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default",
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in (tensors or live).items()}
     data = config.file_dict(state.targets.get(name, []))
     data["inference_mode"] = True
-    write_atomic(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(tensors, metadata={"format": "pt"}))
-    write_atomic(os.path.join(directory, CONFIG_NAME), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-    return directory
+    return (safetensors_bytes(tensors, metadata={"format": "pt"}),
+            (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_files(directory: str | os.PathLike, weights: bytes, config_text: bytes) -> None:
+    os.makedirs(directory, exist_ok=True)
+    write_atomic(os.path.join(directory, WEIGHTS_NAME), weights)
+    write_atomic(os.path.join(directory, CONFIG_NAME), config_text)
+
+
+def _in_place_only(directory: str) -> bool:
+    """True for a directory that cannot be replaced by a rename: a mount point, or the
+    working directory or one above it (the process would be left in the removed one)."""
+    if not os.path.isdir(directory):
+        return False
+    real = os.path.realpath(directory)
+    cwd = os.path.realpath(os.getcwd())
+    return os.path.ismount(real) or cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def read_config(directory: str | os.PathLike):
@@ -117,10 +128,21 @@ def read_config(directory: str | os.PathLike):
     if not os.path.isfile(path):
         raise AdapterFileError(f"{path}: not found (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise AdapterFileError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path}: invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
     try:
         return config_from_dict(data, source=path)
     except ConfigError as exc:
@@ -133,20 +155,54 @@ def read_tensors(directory: str | os.PathLike, allow_pickle: bool = False) -> di
     if os.path.isfile(path):
         try:
             return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:  # a damaged file
             raise AdapterFileError(f"{path}: unreadable safetensors file: {exc}") from None
     pickle_path = os.path.join(directory, PICKLE_NAME)
     if os.path.isfile(pickle_path):
         if not allow_pickle:
-            raise AdapterFileError(
-                f"{pickle_path}: a pickle file can run code when read; pass allow_pickle=True to read it "
-                "(with torch.load(weights_only=True)) if you trust it"
-            )
-        try:
-            return torch.load(pickle_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise AdapterFileError(f"{pickle_path}: unreadable: {exc}") from None
+            raise AdapterFileError(pickle_refusal(pickle_path))
+        return read_pickled_tensors(pickle_path)
     raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME} (nor {PICKLE_NAME})")
+
+
+def pickle_refusal(path: str | os.PathLike) -> str:
+    """Why a pickle adapter file is not read without opting in, and how to opt in."""
+    return (f"{path}: a pickle file, which can run code when it is read, so peftkit does not read it by default "
+            f"(it reads {WEIGHTS_NAME}); if you trust the file, pass allow_pickle=True (--allow-pickle on the "
+            "command line) to read it with torch.load(weights_only=True), which accepts tensors only")
+
+
+def read_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A pickle of ``{name: tensor}`` read with ``torch.load(weights_only=True)``: anything else
+    in it (an object that would run code when unpickled, say) is refused, not run."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise AdapterFileError(f"{path}: holds something other than tensors, so torch.load(weights_only=True) "
+                               f"refused it ({_unpickling_reason(exc)}); it was not loaded") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise AdapterFileError(f"{path}: unreadable: {_first_line(exc)}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        found = type(data).__name__ if not isinstance(data, dict) else "a dict with other values than tensors"
+        raise AdapterFileError(f"{path}: holds something other than tensors (expected a dict of tensors, "
+                               f"found {found})")
+    return data
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """torch's few-paragraph refusal cut to the line that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:  # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+            line = line.split("error: ", 1)[-1]  # "WeightsUnpickler error: Unsupported global: GLOBAL exec ..."
+            return line.split(". ", 1)[0].rstrip(".")  # not the advice on allowlisting it that follows
+    return lines[-1].rstrip(".") if lines else type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", trainable: bool = False,
@@ -155,6 +211,9 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
 
     The adapter becomes the active one; its parameters train only with ``trainable=True``.
     """
+    check_adapter_name(name)
+    if has_adapters(model) and name in get_state(model).configs:
+        raise ConfigError(f"an adapter named {name!r} exists already; delete it or choose another name")
     config = read_config(directory)
     tensors = read_tensors(directory, allow_pickle)
     # A file holds what inference uses (HF PEFT's inference_mode): for P-tuning and projected
@@ -162,7 +221,10 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     config.inference_mode = True
     before_active = get_state(model).active if has_adapters(model) else []
     before_grad = [(p, p.requires_grad) for p in model.parameters()]
-    apply(model, config, name)
+    try:  # the file's config is the truth: no task type or head is inferred from the model
+        build(model, config, name, infer_defaults=False)
+    except ConfigError as exc:  # the file asks for something this model does not have
+        raise AdapterFileError(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: {exc}") from None
     try:
         _fill(model, name, tensors, os.fspath(directory))
     except BaseException:  # leave the model exactly as it was

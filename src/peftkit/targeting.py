@@ -69,11 +69,20 @@ def _matches_list(name: str, entries: list[str]) -> bool:
     return any(name == e or name.endswith("." + e) for e in entries)
 
 
-def matches(selector: list[str] | str | None, name: str) -> bool:
+def _regex(pattern: str, what: str) -> re.Pattern:
+    """``re.compile`` (cached by ``re``); a bad pattern is a ``ConfigError`` naming the field.
+    Configs check their patterns when built; this covers a field changed after that."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{what}: expected a valid regular expression, found {pattern!r} ({exc})") from None
+
+
+def matches(selector: list[str] | str | None, name: str, what: str = "target_modules") -> bool:
     if selector is None:
         return False
     if isinstance(selector, str):
-        return re.fullmatch(selector, name) is not None
+        return _regex(selector, what).fullmatch(name) is not None
     return _matches_list(name, selector)
 
 
@@ -83,7 +92,7 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
         found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(found.group(1)) if found else None
     for pattern in patterns:
-        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        found = _regex(rf"(?:^|.*?\.){pattern}\.(\d+)\.", "layers_pattern").match(name)
         if found:
             return int(found.group(1))
     return None
@@ -91,7 +100,7 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
 
 def pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
     for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", name):
+        if _regex(rf"(.*\.)?(?:{key})", "rank_pattern/alpha_pattern key").fullmatch(name):
             return value
     return default
 
@@ -123,7 +132,8 @@ def resolve_targets(model: nn.Module, target_modules: Any, default_targets: dict
         return list(default_targets[kind])
     linear = [n for n, m in logical_modules(model) if n and is_linear(m)]
     raise ConfigError(
-        f"target_modules is not set and there is no default for model type {kind or type(model).__name__!r}; "
+        f"target_modules is not set and there is no default for model type {kind or type(model).__name__!r} "
+        f"(defaults exist for model types: {', '.join(sorted(default_targets)) or 'none'}); "
         f"pass target_modules (names, a regex, or 'all-linear'), e.g. from: {', '.join(_short(linear))}"
     )
 
@@ -143,7 +153,7 @@ def find_targets(model: nn.Module, config: Any, default_targets: dict[str, list[
             hit = matches(targets, name)
             if hit and config.layers_to_transform is not None and not isinstance(targets, str):
                 hit = layer_index(name, config.layers_pattern) in config.layers_to_transform
-        if hit and not matches(config.exclude_modules, name):
+        if hit and not matches(config.exclude_modules, name, "exclude_modules"):
             found.append((name, module))
     if not found:
         raise ConfigError(_nothing_matched(model, targets, config))

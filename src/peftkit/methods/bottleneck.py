@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftConfig, check_names, check_number, check_positive_int, normalize_names
+from ..config import (PeftConfig, check_layer_indices, check_layers_pattern, check_names, check_number,
+                      check_positive_int, normalize_names)
 from ..errors import ConfigError
 from ..layer import Unit
 from ..registry import Method, register
@@ -84,7 +85,7 @@ class AdapterConfig(PeftConfig):
         check_positive_int("reduction_factor", self.reduction_factor)
         if self.bottleneck_size is not None:
             check_positive_int("bottleneck_size", self.bottleneck_size)
-        if self.non_linearity not in ACTIVATIONS:
+        if not isinstance(self.non_linearity, str) or self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity: expected one of {', '.join(ACTIVATIONS)}, found {self.non_linearity!r}")
         check_number("scaling", self.scaling)
         check_number("dropout", self.dropout, 0.0, 1.0)
@@ -92,12 +93,12 @@ class AdapterConfig(PeftConfig):
             raise ConfigError(f"init: expected 'identity' or 'random', found {self.init!r}")
         if self.insertion is not None:
             _check_insertion(self.insertion)
+        check_layers_pattern(self.layers_pattern)
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             check_names(name, getattr(self, name))
             setattr(self, name, normalize_names(getattr(self, name)))
         check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
+        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
 
 
 def _check_insertion(insertion: Any) -> None:
@@ -106,7 +107,14 @@ def _check_insertion(insertion: Any) -> None:
     unknown = set(insertion) - set(INSERTION_KEYS)
     missing = {"layers", "attn_out", "ffn_out", "ffn"} - set(insertion)
     if unknown or missing:
-        raise ConfigError(f"insertion: expected keys {INSERTION_KEYS}; unknown {sorted(unknown)}, missing {sorted(missing)}")
+        raise ConfigError(f"insertion: expected keys {INSERTION_KEYS}; unknown {sorted(map(str, unknown))}, "
+                          f"missing {sorted(missing)}")
+    for key in ("layers", "attn_out", "ffn_out", "ffn"):
+        if not isinstance(insertion[key], str) or not insertion[key]:
+            raise ConfigError(f"insertion[{key!r}]: expected a module name (a string), found {insertion[key]!r}")
+    arg = insertion.get("ffn_residual_arg")
+    if arg is not None and (not isinstance(arg, int) or isinstance(arg, bool) or arg < 1):
+        raise ConfigError(f"insertion['ffn_residual_arg']: expected None or a positive argument index, found {arg!r}")
     ffn, ffn_out = insertion["ffn"], insertion["ffn_out"]
     if not ffn_out.startswith(ffn + "."):
         raise ConfigError(f"insertion: ffn_out {ffn_out!r} must lie inside ffn {ffn!r}")
@@ -126,7 +134,8 @@ def prepare(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
         kind = getattr(getattr(model, "config", None), "model_type", None)
         if kind not in INSERTION:
             raise ConfigError(
-                f"bottleneck adapters have no insertion mapping for model type {kind or type(model).__name__!r}; "
+                f"bottleneck adapters have no insertion mapping for model type {kind or type(model).__name__!r} "
+                f"(supported model types: {', '.join(sorted(INSERTION))}); "
                 "pass AdapterConfig(insertion={'layers': 'encoder.layer', 'attn_out': 'attention.output.dense', "
                 "'ffn_out': 'output.dense', 'ffn': 'output', 'ffn_residual_arg': 1}) with the names of "
                 "your model's modules (relative to one transformer layer)"

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import PeftConfig, check_names, normalize_names
+from ..config import PeftConfig, check_bool, check_layer_indices, check_layers_pattern, check_names, normalize_names
 from ..errors import ConfigError, ModelError
 from ..layer import Unit
 from ..registry import Method, register
@@ -50,14 +50,14 @@ class IA3Config(PeftConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_layers_pattern(self.layers_pattern)
         for name in ("target_modules", "feedforward_modules", "exclude_modules", "layers_pattern"):
             check_names(name, getattr(self, name))
             setattr(self, name, normalize_names(getattr(self, name)))
         check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if not isinstance(self.init_ia3_weights, bool):
-            raise ConfigError(f"init_ia3_weights: expected true or false, found {self.init_ia3_weights!r}")
+        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
+        check_bool("init_ia3_weights", self.init_ia3_weights)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
 
 
     def file_dict(self, adapted: list[str]) -> dict[str, Any]:
@@ -119,16 +119,16 @@ class IA3Unit(Unit):
 
 
 def make_unit(config: IA3Config, module: nn.Module, path: str) -> IA3Unit:
-    on_input = matches(config.feedforward_modules, path)
+    on_input = matches(config.feedforward_modules, path, "feedforward_modules")
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        raise ConfigError(f"(IA)³ cannot adapt {path!r} of type {type(module).__name__}; supported: Linear, Conv1D")
     weight = module.weight
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     factory = {"device": weight.device, "dtype": dtype}
     if isinstance(module, nn.Linear):
         n_in, n_out, transposed = module.in_features, module.out_features, False
-    elif is_conv1d(module):
+    else:  # Conv1D
         (n_in, n_out), transposed = weight.shape, True
-    else:
-        raise ConfigError(f"(IA)³ cannot adapt {path!r} of type {type(module).__name__}; supported: Linear, Conv1D")
     return IA3Unit(n_in if on_input else n_out, on_input, transposed, config.init_ia3_weights, factory)
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PeftConfig, check_names, check_number, check_positive_int, normalize_names
+from ..config import (PATTERN_KEY_TEMPLATE, PeftConfig, check_bool, check_layer_indices, check_layers_pattern,
+                      check_names, check_number, check_positive_int, check_regex, normalize_names)
 from ..errors import ConfigError
 from ..layer import Unit
 from ..registry import Method, register
@@ -85,25 +86,18 @@ class LoraConfig(PeftConfig):
         check_names("target_modules", self.target_modules)
         check_names("exclude_modules", self.exclude_modules)
         check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        check_names("layers_pattern", self.layers_pattern)
+        check_layers_pattern(self.layers_pattern)
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
+            check_bool(name, getattr(self, name))
         self.target_modules = normalize_names(self.target_modules)
         self.exclude_modules = normalize_names(self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None and not (
-            isinstance(self.layers_to_transform, list)
-            and all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform)
-        ):
-            raise ConfigError(
-                f"layers_to_transform: expected a layer index or a list of them, found {self.layers_to_transform!r}"
-            )
+        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias: expected 'none', 'all' or 'lora_only', found {self.bias!r}")
-        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, int) and not isinstance(
-            self.init_lora_weights, bool
-        ):
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or isinstance(init, str) and init in INIT_CHOICES):  # not 1 or 0.0
             raise ConfigError(
                 f"init_lora_weights: peftkit supports True, False or 'gaussian', found {self.init_lora_weights!r}"
             )
@@ -116,6 +110,9 @@ class LoraConfig(PeftConfig):
             if not isinstance(pattern, dict):
                 raise ConfigError(f"{name}: expected a mapping of module pattern -> value, found {pattern!r}")
             for key, value in pattern.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{name}: expected module patterns (strings) as keys, found {key!r}")
+                check_regex(f"{name}[{key!r}]", key, PATTERN_KEY_TEMPLATE)
                 check(f"{name}[{key!r}]", value)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
@@ -262,6 +259,11 @@ def _adapter_factory(base: nn.Module) -> dict:
 
 
 def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
+    if not (isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_conv1d(module)):
+        raise ConfigError(  # e.g. a whole block matched by a name such as "0" or "layer"
+            f"LoRA cannot adapt {path!r} of type {type(module).__name__}; "
+            "supported: Linear, Conv1D, Conv2d, Embedding"
+        )
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
     common = dict(r=r, alpha=alpha, dropout=config.lora_dropout, rslora=config.use_rslora,
@@ -282,12 +284,7 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
             raise ConfigError(f"LoRA cannot adapt {path!r}: a grouped Conv2d (groups={module.groups}, e.g. depthwise) "
                               "is not supported; target the model's other layers")
         return LoraConv2d(module, **common)
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module, **common)
-    raise ConfigError(
-        f"LoRA cannot adapt {path!r} of type {type(module).__name__}; "
-        "supported: Linear, Conv1D, Conv2d, Embedding"
-    )
+    return LoraEmbedding(module, **common)  # the only type left
 
 
 # Defaults when target_modules is None, per transformers model_type (the attention query and

@@ -15,6 +15,7 @@ copies the embeddings of P random vocabulary entries. The file stores the prompt
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +45,11 @@ class PromptTuningConfig(PromptLearningConfig):
         self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
         if self.prompt_tuning_init not in INITS:
             raise ConfigError(f"prompt_tuning_init: expected one of {', '.join(INITS)}, found {self.prompt_tuning_init!r}")
+        if isinstance(self.tokenizer_name_or_path, os.PathLike):
+            self.tokenizer_name_or_path = os.fspath(self.tokenizer_name_or_path)  # a str in the file
+        for name in ("prompt_tuning_init_text", "tokenizer_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: expected a string or None, found {getattr(self, name)!r}")
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
         if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
