@@ -201,7 +201,7 @@ def test_eval_agrees_with_summary(run_dir, data_files):
     lines = result.stdout.splitlines()
     assert len(lines) == 1
     got = json.loads(lines[0])
-    assert set(got) == {"accuracy", "loss", "n"}
+    assert set(got) == {"accuracy", "loss", "n", "labels_from"} and got["labels_from"] == "labels.json"
     assert got["accuracy"] == summary["eval"]["accuracy"] and got["n"] == summary["eval"]["n"]
     assert got["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
     # without --data/--model: the run's own model and evaluation data

@@ -170,7 +170,7 @@ def test_yaml_keys_either_spelling_and_string_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("epochz: 3\n", r"c\.yaml: unknown key 'epochz' \(known keys: model, data, eval-data"),
+    ("epochz: 3\n", r"c\.yaml: unknown key 'epochz'; did you mean 'epochs'\?"),
     ("r: eight\n", r"c\.yaml: key 'r': expected an integer, found 'eight'"),
     ("lr: [1]\n", r"c\.yaml: key 'lr': expected a number"),
     ("- r\n", r"c\.yaml: expected a mapping of option names to values, found list"),

@@ -1,8 +1,8 @@
 """The ``peftkit`` command: ``train``, ``eval``, ``merge``, ``info``.
 
 A thin layer over ``peftkit.train``: it parses flags, merges a YAML file under them, and turns
-every ``PeftkitError`` into one line on stderr with exit status 1 (a traceback only with
-``--debug``). See docs/cli.md.
+every exception (a ``PeftkitError``, or one from a dependency) into one line on stderr with exit
+status 1, Ctrl-C into exit status 130 (a traceback only with ``--debug``). See docs/cli.md.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import functools
 import json
 import os
 import sys
+import traceback
+import warnings
 from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .errors import PeftkitError
+from .errors import PeftkitError, PeftkitWarning
 from .train.options import FIELDS, METHOD_DEFAULTS, METHODS, SCHEDULERS, TASKS
 
 
@@ -38,25 +40,93 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command; a peftkit error (or an OS error such as an unwritable --out) becomes
-    ``Error: <message>`` and exit status 1, unless ``--debug`` asks for the traceback."""
+    """Run a command; whatever goes wrong is one line on stderr and exit status 1, unless
+    ``--debug`` asks for the traceback:
+
+    - a peftkit error (bad input, a broken file): ``Error: <message>``;
+    - any other exception (from torch, transformers, bitsandbytes, safetensors, PIL, the OS, or
+      a peftkit bug): ``Error: peftkit <command>: <Type> from <module>[: <file>]: <message> (rerun
+      with --debug for the traceback)``, the module being where it was raised (``_failure_line``);
+    - Ctrl-C: ``interrupted`` and exit status 130.
+
+    click's own errors (usage: exit status 2) pass through as click reports them."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False)
         _quiet_libraries(debug)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"peftkit {_command_name(fn)}: interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except PeftkitError as exc:
             if debug:
                 raise
             raise click.ClickException(str(exc)) from None
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - the point: no traceback for the user
             if debug:
                 raise
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(_failure_line(_command_name(fn), exc)) from None
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """peftkit's own warnings as one ``Warning: ...`` line; others as Python prints them."""
+    if issubclass(category, PeftkitWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _command_name(fn: Callable[..., Any]) -> str:
+    ctx = click.get_current_context(silent=True)
+    return (ctx.info_name if ctx is not None and ctx.info_name else fn.__name__.rstrip("_"))
+
+
+def _failure_line(command: str, exc: BaseException) -> str:
+    """One line for an exception that is not a ``PeftkitError``: the command, the exception's
+    type and the module it came from (``_origin_module``), the file an ``OSError`` names, and
+    the first line of its message."""
+    module = _origin_module(exc)
+    where = f" from {module}" if module else ""
+    filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and exc.strerror:
+        message = exc.strerror
+    else:
+        message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    file_part = f": {os.fsdecode(filename)}" if filename else ""
+    text = f": {message}" if message else ""
+    return (f"peftkit {command}: {type(exc).__name__}{where}{file_part}{text} "
+            "(rerun with --debug for the traceback)")
+
+
+def _origin_module(exc: BaseException) -> str | None:
+    """Where an exception came from: the module of the innermost traceback frame that is not
+    peftkit's, looking first at the exception it was raised from (``raise ... from cause``,
+    deepest cause first: peftkit re-raises an OS error under the file's final name), else the
+    innermost peftkit module (a peftkit bug)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and chain[-1].__cause__ not in chain:
+        chain.append(chain[-1].__cause__)
+    fallback = None
+    for e in reversed(chain):
+        names = []
+        tb = e.__traceback__
+        while tb is not None:
+            names.append(tb.tb_frame.f_globals.get("__name__") or "")
+            tb = tb.tb_next
+        for name in reversed(names):
+            if name and name != "peftkit" and not name.startswith("peftkit."):
+                return name
+        fallback = fallback or next((name for name in reversed(names) if name), None)
+    return fallback
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,6 +228,23 @@ def train(config_file: str | None, resume_dir: str | None, debug: bool, **flags:
         options.quiet = bool(given.get("quiet", options.quiet))
         options.nproc = given.get("nproc") or options.nproc
         options.device = given.get("device") or options.device
+        changed = {k: given[k] for k in sorted(RESUME_OVERRIDES) if k in given and given[k] != getattr(options, k)}
+        if changed:  # e.g. after a run whose loss became NaN: a lower --lr, clipping, no bf16
+            from pathlib import Path
+
+            from .train.engine import OPTIONS_FILE
+            from .train.report import write_json
+
+            saved = {k: getattr(options, k) for k in changed}
+            for k, v in changed.items():
+                setattr(options, k, v)
+            options.validate()
+            path = Path(resume_dir) / OPTIONS_FILE  # recorded: a later --resume keeps them
+            write_json(path, {**json.loads(path.read_text(encoding="utf-8")), **changed})
+            console = Console(quiet=options.quiet)
+            for k, v in changed.items():
+                console.essential(f"{_flag_text(k, v)} overrides the saved {_flag_text(k, saved[k])} "
+                                  f"(recorded in {path})")
     else:
         file_values = read_yaml(config_file) if config_file else {}
         options = build_options(file_values, given, source=config_file or "")
@@ -171,7 +258,15 @@ def train(config_file: str | None, resume_dir: str | None, debug: bool, **flags:
     run_training(options, Console(quiet=options.quiet), resume=resume_dir is not None)
 
 
-RESUME_FLAGS = {"quiet", "nproc", "device"}
+RESUME_OVERRIDES = {"lr", "max_grad_norm", "bf16"}  # --resume may change these saved options
+RESUME_FLAGS = {"quiet", "nproc", "device"} | RESUME_OVERRIDES
+
+
+def _flag_text(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + name.replace("_", "-")
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 def _launch_config(options: Any) -> str:
@@ -188,71 +283,80 @@ def _launch_config(options: Any) -> str:
     return path
 
 
+_ALLOW_PICKLE_HELP = ("Read the weights from adapter_model.bin, a pickle, when there is no "
+                      "adapter_model.safetensors (with torch.load(weights_only=True), which accepts tensors only); "
+                      "only for files you trust.  [default: refused]")
+
+
+def _allow_pickle(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--allow-pickle", is_flag=True, help=_ALLOW_PICKLE_HELP)(fn)
+
+
 @cli.command("eval")
 @click.option("--model", help="The base model: a local directory or 'minilm'.  [default: the one the "
-              "adapter was trained on]")
-@click.option("--adapter", required=True, help="An adapter directory or a run directory (holding adapter/).")
+              "adapter was trained on: train_args.json, else the adapter config's base_model_name_or_path]")
+@click.option("--adapter", required=True, help="An adapter directory (peftkit's, or any HF PEFT can load) or a "
+              "run directory (holding adapter/).")
 @click.option("--data", help="Data to evaluate on, in the run's format (a CSV/TSV/JSONL file, or an image folder).  "
               "[default: the run's evaluation data]")
 @click.option("--batch-size", type=int, help="[default: the training batch size]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
+@_allow_pickle
 @_common
 @_guarded
 def eval_(model: str | None, adapter: str, data: str | None, batch_size: int | None, device: str | None,
-          quiet: bool, debug: bool) -> None:
+          allow_pickle: bool, quiet: bool, debug: bool) -> None:
     """Evaluate a trained adapter; prints one JSON line of metrics (classify, image-classify:
-    {"accuracy", "loss", "n"}; causal-lm: {"loss", "perplexity", "tokens", "n"})."""
+    {"accuracy", "loss", "n", "labels_from"}; causal-lm: {"loss", "perplexity", "tokens", "n"})."""
+    from .train.adapted import resolve
     from .train.models import resolve_device
     from .train.progress import Console
+    from .train.tasks import module_of
 
     if batch_size is not None and batch_size < 1:
         raise click.BadParameter(f"expected a positive integer, found {batch_size}", param_hint="--batch-size")
-    result = _task_module(adapter).evaluate_adapter(adapter, model, data, batch_size, resolve_device(device),
-                                                    Console(quiet=quiet, to_stderr=True))
+    console = Console(quiet=quiet, to_stderr=True)
+    source = resolve(adapter, model, allow_pickle)
+    result = module_of(source.task).evaluate_adapter(source, model, data, batch_size, resolve_device(device), console)
     click.echo(json.dumps(result))
 
 
 @cli.command()
 @click.option("--model", help="The base model: a local directory or 'minilm'.  [default: the one the "
-              "adapter was trained on]")
-@click.option("--adapter", required=True, help="An adapter directory or a run directory (holding adapter/).")
-@click.option("--out", required=True, help="Directory for the merged transformers model.")
+              "adapter was trained on: train_args.json, else the adapter config's base_model_name_or_path]")
+@click.option("--adapter", required=True, help="An adapter directory (peftkit's, or any HF PEFT can load) or a "
+              "run directory (holding adapter/).")
+@click.option("--out", required=True, help="Directory for the merged transformers model (written as a whole: "
+              "new, empty, or a model directory merge wrote before).")
 @click.option("--quantized", is_flag=True, help="The adapter was trained over a 4-bit NF4 base: merge into the "
               "dequantized weights and write a dense model.  [default: as the run's options say]")
+@_allow_pickle
 @_common
 @_guarded
-def merge(model: str | None, adapter: str, out: str, quantized: bool, quiet: bool, debug: bool) -> None:
+def merge(model: str | None, adapter: str, out: str, quantized: bool, allow_pickle: bool, quiet: bool,
+          debug: bool) -> None:
     """Fold an adapter into its base model and save a plain transformers model directory."""
+    from .train.adapted import resolve
     from .train.progress import Console
+    from .train.tasks import module_of
 
     console = Console(quiet=quiet)
-    module = _task_module(adapter)
-    out_dir = module.merge_adapter(adapter, model, out, console, quantized)
+    source = resolve(adapter, model, allow_pickle)
+    module = module_of(source.task)
+    out_dir = module.merge_adapter(source, model, out, console, quantized)
     console.essential(f"merged model: {out_dir} (load it with {module.AUTO_CLASS}.from_pretrained)")
-
-
-def _task_module(adapter: str):
-    """The module of the task an adapter was trained for (train_args.json; classify if unknown)."""
-    from .train.rundir import find_adapter_dir, read_train_args
-    from .train.tasks import MODULES, module_of
-
-    task = read_train_args(find_adapter_dir(adapter)).get("task") or "classify"
-    if task == "SEQ_CLS":  # train_args.json of peftkit 0.1 runs
-        task = "classify"
-    if task not in MODULES:
-        raise click.ClickException(f"{adapter}: trained for task {task!r}, which this peftkit does not know")
-    return module_of(task)
 
 
 @cli.command()
 @click.argument("directory")
+@_allow_pickle
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @_guarded
-def info(directory: str, debug: bool) -> None:
+def info(directory: str, allow_pickle: bool, debug: bool) -> None:
     """Describe an adapter (or the adapter of a run directory)."""
     from .train.rundir import adapter_facts, find_adapter_dir
 
-    facts = adapter_facts(find_adapter_dir(directory))
+    facts = adapter_facts(find_adapter_dir(directory), allow_pickle)
     width = max(len(label) for label, _ in facts)
     for label, value in facts:
         click.echo(f"{label + ':':<{width + 1}} {value}")
@@ -277,11 +381,12 @@ def info(directory: str, debug: bool) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per generate call "
               "(left-padded).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
+@_allow_pickle
 @_common
 @_guarded
 def generate(model: str | None, adapter: str, prompt_texts: tuple[str, ...], prompts_file: str | None,
              max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int, seed: int, chat: bool,
-             batch_size: int, device: str | None, quiet: bool, debug: bool) -> None:
+             batch_size: int, device: str | None, allow_pickle: bool, quiet: bool, debug: bool) -> None:
     """Complete prompts with a causal LM and its adapter; prints one JSON line per prompt:
     {"prompt", "completion"} (progress goes to stderr). Greedy unless --sample."""
     from .train.generate import generate as run_generate, read_prompts
@@ -294,7 +399,7 @@ def generate(model: str | None, adapter: str, prompt_texts: tuple[str, ...], pro
     results = run_generate(model, adapter, prompts, max_new_tokens=max_new_tokens, do_sample=sample,
                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                            device=resolve_device(device), console=Console(quiet=quiet, to_stderr=True), chat=chat,
-                           batch_size=batch_size)
+                           batch_size=batch_size, allow_pickle=allow_pickle)
     for result in results:
         click.echo(json.dumps(result, ensure_ascii=False))
 

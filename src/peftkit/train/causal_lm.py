@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import ConfigError, ModelError
-from .adapted import Adapted, eval_data_of, load_adapted, merged_model, prepare_out_dir
+from .adapted import Adapted, Source, eval_data_of, load_adapted, merged_model, write_out_dir
 from .data import HOLDOUT_FRACTION
 from .lm_data import IGNORE_INDEX, LMCollate, build_dataset, read_lm_examples, split_holdout
 from .models import check_max_length, dtype_kwargs, first_line, load_tokenizer, resolve_model
@@ -196,23 +196,23 @@ def _forms_line(examples, tokenizer) -> str:
 
 
 def _builder(device: torch.device):
-    def build(model_path: str, adapter_dir: Path, args: dict[str, Any]) -> nn.Module:
-        return load_causal_lm(model_path, device, load_tokenizer(model_path))
+    def build(source: Source) -> nn.Module:
+        return load_causal_lm(source.model_path, device, load_tokenizer(source.model_path))
     return build
 
 
-def load_adapted_lm(adapter: str, model: str | None, device: torch.device, quantized: bool = False
-                    ) -> tuple[Adapted, Any]:
+def load_adapted_lm(adapter: str | Source, model: str | None, device: torch.device, quantized: bool = False,
+                    allow_pickle: bool = False) -> tuple[Adapted, Any]:
     """The base causal LM with the adapter loaded, in eval mode, and its tokenizer."""
-    adapted = load_adapted(adapter, model, device, _builder(device), quantized)
+    adapted = load_adapted(adapter, model, device, _builder(device), quantized, allow_pickle)
     return adapted, load_tokenizer(adapted.model_path)
 
 
-def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
-                     device: torch.device, console: Console) -> dict[str, Any]:
+def evaluate_adapter(adapter: str | Source, model: str | None, data: str | None, batch_size: int | None,
+                     device: torch.device, console: Console, allow_pickle: bool = False) -> dict[str, Any]:
     """``{"loss", "perplexity", "tokens", "n"}`` of an adapter on a causal-LM JSONL file,
     tokenized as in training (the run's ``max_length``); never packed."""
-    adapted, tokenizer = load_adapted_lm(adapter, model, device)
+    adapted, tokenizer = load_adapted_lm(adapter, model, device, allow_pickle=allow_pickle)
     args = adapted.args
     path, held_out = eval_data_of(args, data)
     examples = read_lm_examples(path)
@@ -227,20 +227,26 @@ def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_si
     size = batch_size or int(args.get("batch_size") or TrainOptions.batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=LMCollate(pad))
+    console.info(adapted.source.line())
     console.info(f"evaluating {adapted.adapter_dir} on {len(dataset)} examples from {path}"
                  + (" (held-out part)" if held_out else ""))
     with console.progress(len(loader), "eval", lines=False) as bar:
         return CausalLMTask(TrainOptions()).evaluate(adapted.model, loader, device, progress=bar)
 
 
-def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:
+def merge_adapter(adapter: str | Source, model: str | None, out: str, console: Console, quantized: bool = False,
+                  allow_pickle: bool = False) -> Path:
     """Fold the adapter into its base and write a plain ``AutoModelForCausalLM`` directory with
-    the tokenizer. An adapter trained over a 4-bit base is merged into the dequantized weights
-    and written dense (see ``adapted.load_adapted``)."""
-    adapted, tokenizer = load_adapted_lm(adapter, model, torch.device("cpu"), quantized)
+    the tokenizer (as a whole: ``write_out_dir``). An adapter trained over a 4-bit base is merged
+    into the dequantized weights and written dense (see ``adapted.load_adapted``)."""
+    adapted, tokenizer = load_adapted_lm(adapter, model, torch.device("cpu"), quantized, allow_pickle)
+    console.info(adapted.source.line())
     merged = merged_model(adapted, console)
-    out_dir = prepare_out_dir(out)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    out_dir = write_out_dir(out, fill, keep=[adapted.model_path, adapted.adapter_dir])
     console.info(f"merged {adapted.adapter_dir} into {adapted.model_path}")
     return out_dir

@@ -6,24 +6,24 @@
       state.json            step, epoch, position in the epoch, best evaluation so far
 
 A checkpoint is written into a hidden temporary directory next to the others
-(``.step-<N>-xxxx``) and renamed to ``step-<N>`` only when complete, so ``step-<N>`` either is
-whole or does not exist; ``latest`` ignores the temporary ones a crash leaves behind.
+(``.step-<N>.tmp-xxxx``), fsynced, and renamed to ``step-<N>`` only when complete
+(``peftkit.atomic.write_dir``), so ``step-<N>`` either is whole or does not exist; ``latest``
+ignores the temporary ones a crash leaves behind, and the next checkpoint write removes them.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .. import AdapterFileError
+from .. import AdapterFileError, atomic
 
 DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -60,50 +60,59 @@ def prune(out: Path, keep: int) -> list[Path]:
     return old
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the finished directory ``tmp`` at ``final``, replacing what was there."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_dir(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory with ``fill(tmp)`` in a temporary sibling, then move it to ``final``.
+    """Build a directory of the run (a checkpoint, ``adapter/``, ``best/``) with ``fill(tmp)``
+    in a hidden temporary sibling and put it at ``final`` whole (``peftkit.atomic.write_dir``);
+    what killed writers of it left behind goes first. On any error ``final`` is left as it was."""
+    return atomic.write_dir(final, fill, clean=True)
 
-    On any error the temporary directory is removed and ``final`` is left as it was."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        fill(tmp)
-        _fsync_tree(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+def write_checkpoint(out: Path, step: int, fill: Callable[[Path], None]) -> Path:
+    """Write ``checkpoints/step-<step>`` with ``fill(tmp)``; first removes the hidden
+    temporary directories that killed writes of any checkpoint left behind."""
+    clean_leftovers(out)
+    return write_dir(step_dir(out, step), fill)
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove the hidden temporary directories in ``checkpoints/`` (never a checkpoint)."""
+    root = out / DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(".")]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def copy_files(source: Path, target: Path) -> None:
-    """Copy the files of the directory ``source`` into the existing directory ``target``."""
+    """The files of the directory ``source`` in the existing directory ``target`` (hard links
+    where possible: the directories of a run are replaced whole, never changed in place)."""
     for path in source.iterdir():
         if path.is_file():
-            shutil.copy2(path, target / path.name)
+            atomic.link_or_copy(path, target / path.name)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+class _Buffer(io.BytesIO):
+    """The bytes of a file about to be written (named after it in messages)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.name = str(path)
+
+    def __repr__(self) -> str:
+        return f"<bytes for {self.name}>"
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through ``atomic.write_atomic``: a full disk is an ``OSError`` naming
+    ``path`` (``torch.save`` to a path turns it into a RuntimeError)."""
+    buffer = _Buffer(path)
+    torch.save(obj, buffer)
+    atomic.write_atomic(path, buffer.getvalue())
 
 
 def read_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:

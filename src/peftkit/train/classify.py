@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from . import rundir
-from .adapted import eval_data_of, load_adapted, merged_model, prepare_out_dir
+from .adapted import Source, eval_data_of, load_adapted, merged_model, write_out_dir
 from .data import (DEMO_EVAL, DEMO_TRAIN, HOLDOUT_FRACTION, Collate, LabelMap, TextClassificationSet, read_examples,
                    split_holdout)
 from .models import check_max_length, load_sequence_classifier, load_tokenizer, resolve_model
@@ -97,49 +96,65 @@ class ClassifyTask(ClassificationTask):
 # -- using a trained adapter --------------------------------------------------------------
 
 
-def _load(adapter: str, model: str | None, device: torch.device, quantized: bool = False):
-    """(the adapted model, its labels, its tokenizer)."""
-    def build(model_path: str, adapter_dir: Path, args: dict[str, Any]) -> torch.nn.Module:
-        labels = LabelMap.read(adapter_dir / rundir.LABELS_FILE)
-        _, base, _ = _prepare_model(model_path, labels, device, int(args.get("max_length") or TrainOptions.max_length))
+def _build(device: torch.device):
+    """``load_adapted``'s builder: the base classifier with one output per label of the adapter."""
+    def build(source: Source) -> torch.nn.Module:
+        max_length = int(source.args.get("max_length") or TrainOptions.max_length)
+        _, base, _ = _prepare_model(source.model_path, source.labels().config_names, device, max_length)
         return base
-
-    adapted = load_adapted(adapter, model, device, build, quantized)
-    return adapted, LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE), load_tokenizer(adapted.model_path)
+    return build
 
 
-def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
-                     device: torch.device, console: Console) -> dict[str, Any]:
-    """``{"accuracy", "loss", "n"}`` of an adapter on a data file, tokenized as in training."""
-    adapted, labels, tokenizer = _load(adapter, model, device)
+def _load(adapter: str | Source, model: str | None, device: torch.device, quantized: bool = False,
+          allow_pickle: bool = False):
+    """(the adapted model, its labels, its tokenizer)."""
+    adapted = load_adapted(adapter, model, device, _build(device), quantized, allow_pickle)
+    return adapted, adapted.source.labels(), load_tokenizer(adapted.model_path)
+
+
+def evaluate_adapter(adapter: str | Source, model: str | None, data: str | None, batch_size: int | None,
+                     device: torch.device, console: Console, allow_pickle: bool = False) -> dict[str, Any]:
+    """``{"accuracy", "loss", "n", "labels_from"}`` of an adapter on a data file, tokenized as in
+    training; ``labels_from`` says where the label mapping came from (``adapted.class_labels``)."""
+    adapted, labels, tokenizer = _load(adapter, model, device, allow_pickle=allow_pickle)
     path, held_out = eval_data_of(adapted.args, data, default=str(DEMO_EVAL))
     examples = read_examples(path)
     if held_out:
         _, examples = split_holdout(examples, float(adapted.args.get("holdout_fraction", HOLDOUT_FRACTION)),
                                     int(adapted.args.get("seed", 0)), path)
-    dataset = TextClassificationSet(examples, labels, path)
+    dataset = TextClassificationSet(labels.examples(examples, path), labels.names, path)
     max_length = int(adapted.args.get("max_length") or TrainOptions.max_length)
     size = batch_size or int(adapted.args.get("batch_size") or TrainOptions.batch_size)
     loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=Collate(tokenizer, max_length))
+    console.info(adapted.source.line())
+    console.info(labels.line())
     console.info(f"evaluating {adapted.adapter_dir} on {len(dataset)} examples from {_display(path)}"
                  + (" (held-out part)" if held_out else ""))
     task = ClassifyTask(TrainOptions())
     with console.progress(len(loader), "eval", lines=False) as bar:
-        return task.evaluate(adapted.model, loader, device, progress=bar)
+        result = task.evaluate(adapted.model, loader, device, progress=bar)
+    return {**result, "labels_from": labels.source}
 
 
-def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:
-    """Fold the adapter into its base and write a plain transformers model directory.
+def merge_adapter(adapter: str | Source, model: str | None, out: str, console: Console, quantized: bool = False,
+                  allow_pickle: bool = False) -> Path:
+    """Fold the adapter into its base and write a plain transformers model directory (as a
+    whole: ``write_out_dir``), the label names in its config.
 
     An adapter trained over a 4-bit base (the run's options say so, or ``quantized``) is merged
     into the dequantized weights, the function it was trained against; every layer is written
     dense (16/32-bit), with the merge's error reported."""
-    adapted, labels, tokenizer = _load(adapter, model, torch.device("cpu"), quantized)
+    adapted, labels, tokenizer = _load(adapter, model, torch.device("cpu"), quantized, allow_pickle)
+    console.info(adapted.source.line())
+    console.info(labels.line())
     merged = merged_model(adapted, console)
-    merged.config.id2label = dict(labels.id2label)
-    merged.config.label2id = dict(labels.label2id)
-    out_dir = prepare_out_dir(out)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    console.info(f"merged {adapted.adapter_dir} into {adapted.args.get('model') or model}")
+    merged.config.id2label = dict(labels.config_names.id2label)
+    merged.config.label2id = dict(labels.config_names.label2id)
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    out_dir = write_out_dir(out, fill, keep=[adapted.model_path, adapted.adapter_dir])
+    console.info(f"merged {adapted.adapter_dir} into {adapted.model_path}")
     return out_dir

@@ -101,7 +101,7 @@ def read_run_options(out: str) -> TrainOptions:
         values = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from None
-    options = build_options(values, {}, source=str(path))
+    options = build_options(values, {}, source=str(path), saved=True)
     options.out = str(out)
     return options
 
@@ -266,7 +266,7 @@ class Engine:
         (loss_sum,) = distributed.sum_across(world, [window_loss.item()])  # one device sync a step
         loss = loss_sum / total
         if not math.isfinite(loss):
-            raise ModelError(f"the loss became {loss} at step {pos.step + 1}; try a lower --lr")
+            raise self._diverged(pos.step + 1, f"the loss became {loss}")
         if o.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(s.params, o.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -344,12 +344,35 @@ class Engine:
         distributed.barrier(self.world)
 
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """Every adapter tensor whole (gathered from every process under FSDP: a collective)."""
+        """Every adapter tensor whole (gathered from every process under FSDP: a collective).
+
+        Refuses a state whose tensors are not finite (a step with a finite loss can still make
+        them inf or NaN): no checkpoint, ``best/`` or ``adapter/`` is written of it."""
         live = peftkit.io.adapter_tensors(self.setup.model, ADAPTER)
-        return {k: distributed.full_tensor(t.detach()).cpu() for k, t in live.items()}
+        tensors = {k: distributed.full_tensor(t.detach()).cpu() for k, t in live.items()}
+        bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+        if bad is not None:
+            raise self._diverged(self.pos.step, f"the adapter's tensor {bad} is no longer finite (inf or nan)")
+        return tensors
+
+    def _diverged(self, step: int, what: str) -> ModelError:
+        """The one-line error of a run whose numbers blew up: the step, the last good
+        checkpoint, and how to continue from it."""
+        o = self.options
+        lower = f"--lr {o.lr / 10:g} (lower than the current {o.lr:g})"
+        extra = (", --max-grad-norm 1 (clipping is off)" if not o.max_grad_norm else "") + \
+                (", --no-bf16 (float32)" if o.bf16 else "")
+        ckpt = checkpoint.latest(self.out)
+        if ckpt is not None:
+            how = (f"the last good checkpoint {ckpt} is kept: continue from it with "
+                   f"peftkit train --resume {self.out} {lower}{extra}")
+        else:
+            how = (f"there is no checkpoint to resume from (--save-steps N writes them): start again "
+                   f"with {lower}{extra}")
+        return ModelError(f"step {step}: {what}; training stopped and this state was not saved; {how}")
 
     def _fill_adapter(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
-        peftkit.save(self.setup.model, directory, ADAPTER, tensors=tensors)
+        peftkit.io.write_files(self.setup.model, directory, ADAPTER, tensors=tensors)
         self.task.save_files(directory, self.setup.data)
         write_json(directory / rundir.ARGS_FILE, self._train_args())
 
@@ -367,10 +390,10 @@ class Engine:
 
             def fill(tmp: Path) -> None:
                 self._fill_adapter(tmp / checkpoint.ADAPTER_DIR, tensors)
-                torch.save(trainer, tmp / checkpoint.TRAINER_FILE)
+                checkpoint.save_torch(trainer, tmp / checkpoint.TRAINER_FILE)
                 write_json(tmp / checkpoint.STATE_FILE, asdict(pos))
 
-            checkpoint.write_dir(checkpoint.step_dir(self.out, pos.step), fill)
+            checkpoint.write_checkpoint(self.out, pos.step, fill)
             self.console.info(f"checkpoint: {checkpoint.step_dir(self.out, pos.step)}")
             if self.options.save_limit is not None:
                 checkpoint.prune(self.out, self.options.save_limit)
@@ -397,9 +420,23 @@ class Engine:
                        optim_state_dict=trainer["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         self.scheduler.load_state_dict(trainer["scheduler"])
+        self._override_lr()
         checkpoint.set_rng_state(trainer["rng"][self.world.rank])
         known = {f for f in Position.__dataclass_fields__}
         self.pos = Position(**{k: v for k, v in state.items() if k in known})
+
+    def _override_lr(self) -> None:
+        """After restoring a checkpoint: ``--resume --lr`` changes the peak rate of the schedule
+        from here on (the current rate scaled with it; the schedule's shape stays)."""
+        new = self.options.lr
+        saved = list(self.scheduler.base_lrs)
+        if all(base == new for base in saved):
+            return
+        for group, base in zip(self.optimizer.param_groups, saved):
+            group["lr"] = group["lr"] * new / base
+            group["initial_lr"] = new
+        self.scheduler.base_lrs = [new] * len(saved)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _finish_adapter(self) -> tuple[dict[str, Any], int]:
         """Write ``adapter/``: the best evaluated adapter with ``--keep-best``, else the last."""

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .. import ConfigError, DataError
+from .adapted import resolve
 from .causal_lm import load_adapted_lm
 from .data import json_object, json_type, read_text
 from .lm_data import JSONL_SUFFIXES, LMEncoder
@@ -113,22 +114,29 @@ def _eos_ids(config) -> set[int]:
 def generate(model: str | None, adapter: str, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, seed: int = 0,
              device: torch.device | None = None, console: Console | None = None, chat: bool = False,
-             batch_size: int = 8) -> list[dict[str, str]]:
+             batch_size: int = 8, allow_pickle: bool = False) -> list[dict[str, str]]:
     """``[{"prompt", "completion"}, ...]``, one per prompt, in order (module docstring).
 
     ``model``: the base model (a directory or a bundled name), else the one the adapter was
-    trained on; ``adapter``: an adapter directory or a run directory."""
+    trained on (``train_args.json``, or the adapter config's ``base_model_name_or_path`` when
+    that is a local directory); ``adapter``: an adapter directory (any HF PEFT can load, of a
+    causal LM) or a run directory. ``allow_pickle``: read an ``adapter_model.bin``."""
     check_settings(max_new_tokens, temperature, top_p, top_k, batch_size)
     if not prompts:
         raise ConfigError("no prompts given")
     device = device or torch.device("cpu")
     console = console or Console(quiet=True, to_stderr=True)
-    adapted, tokenizer = load_adapted_lm(adapter, model, device)
+    source = resolve(adapter, model, allow_pickle)
+    if source.task != "causal-lm":
+        raise ConfigError(f"{source.adapter_dir}: a {source.task} adapter (from {source.task_from}); generate needs "
+                          "a causal-LM adapter (task_type CAUSAL_LM)")
+    adapted, tokenizer = load_adapted_lm(source, model, device)
     encoder = LMEncoder(tokenizer)
     if chat and not getattr(tokenizer, "chat_template", None):
         console.info("--chat: the tokenizer has no chat template; using peftkit's fallback chat format")
     encoded = [encoder.prompt_ids(p, chat) for p in prompts]
     _check_prompts(encoded, adapted, max_new_tokens)
+    console.info(source.line())
     config = generation_config(adapted.model, tokenizer, max_new_tokens, do_sample, temperature, top_p, top_k)
     stop = _eos_ids(config)
     torch.manual_seed(seed)

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from .. import ConfigError, ModelError
 from . import rundir
-from .adapted import eval_data_of, load_adapted, merged_model, prepare_out_dir
+from .adapted import (BASE_ID2LABEL, CLASS_INDICES, LABELS_JSON, Source, eval_data_of, load_adapted,
+                      merged_model, write_out_dir)
 from .data import HOLDOUT_FRACTION, Example, LabelMap
 from .image_data import (PROCESSOR_FILE, ImageFolderSet, check_eval_labels, collate_images, label_map,
                          make_preprocess, read_image_folder, split_folder)
@@ -117,53 +118,68 @@ def load_image_classifier(path: str, labels: LabelMap, device: torch.device) -> 
 
 
 def _build(device: torch.device):
-    """``load_adapted``'s builder: the base classifier with the run's labels (``labels.json``)."""
-    def build(model_path: str, adapter_dir: Path, args: dict[str, Any]) -> nn.Module:
-        return load_image_classifier(model_path, LabelMap.read(adapter_dir / rundir.LABELS_FILE), device)
+    """``load_adapted``'s builder: the base classifier with one output per label of the adapter
+    (``labels.json``, else the base config's names or class indices: ``adapted.class_labels``)."""
+    def build(source: Source) -> nn.Module:
+        return load_image_classifier(source.model_path, source.labels().config_names, device)
     return build
 
 
-def evaluate_adapter(adapter: str, model: str | None, data: str | None, batch_size: int | None,
-                     device: torch.device, console: Console) -> dict[str, Any]:
-    """``{"accuracy", "loss", "n"}`` of an adapter on an image folder, preprocessed as in training.
+def evaluate_adapter(adapter: str | Source, model: str | None, data: str | None, batch_size: int | None,
+                     device: torch.device, console: Console, allow_pickle: bool = False) -> dict[str, Any]:
+    """``{"accuracy", "loss", "n", "labels_from"}`` of an adapter on an image folder, preprocessed
+    as in training.
 
     Without ``data``: the run's evaluation images (its ``--eval-data``, or the same part of its
     ``--data`` held out with the run's seed and fraction)."""
-    adapted = load_adapted(adapter, model, device, _build(device))
-    labels = LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE)
+    adapted = load_adapted(adapter, model, device, _build(device), allow_pickle=allow_pickle)
+    labels = adapted.source.labels()
     path, held_out = eval_data_of(adapted.args, data)
     folder = read_image_folder(path, "--data image folder" if data else "the run's evaluation folder")
     if held_out:
         fraction = float(adapted.args.get("holdout_fraction", HOLDOUT_FRACTION))
         _, examples = split_folder(folder, fraction, int(adapted.args.get("seed", 0)))
     else:
-        check_eval_labels(folder, labels, f"the adapter's {rundir.LABELS_FILE}")
+        known_from = {LABELS_JSON: f"the adapter's {rundir.LABELS_FILE}", BASE_ID2LABEL: labels.where,
+                      CLASS_INDICES: f"the adapter's {len(labels.names)}-output head (class indices; no "
+                                     f"{rundir.LABELS_FILE} and the base config names no labels)"}[labels.source]
+        check_eval_labels(folder, labels.names, known_from)
         examples = folder.examples()
     preprocess = make_preprocess(adapted.model_path)
-    dataset = ImageFolderSet(examples, labels, preprocess, path)
+    dataset = ImageFolderSet(examples, labels.names, preprocess, path)
     size = batch_size or int(adapted.args.get("batch_size") or TrainOptions.batch_size)
     loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate_images)
+    console.info(adapted.source.line())
+    console.info(labels.line())
     console.info(f"evaluating {adapted.adapter_dir} on {len(dataset)} images from {path}"
                  + (" (held-out part)" if held_out else ""))
     with console.progress(len(loader), "eval", lines=False) as bar:
-        return ImageClassifyTask(TrainOptions()).evaluate(adapted.model, loader, device, progress=bar)
+        result = ImageClassifyTask(TrainOptions()).evaluate(adapted.model, loader, device, progress=bar)
+    return {**result, "labels_from": labels.source}
 
 
-def merge_adapter(adapter: str, model: str | None, out: str, console: Console, quantized: bool = False) -> Path:
-    """Fold the adapter (and its trained head) into the base; write an image classifier directory.
+def merge_adapter(adapter: str | Source, model: str | None, out: str, console: Console, quantized: bool = False,
+                  allow_pickle: bool = False) -> Path:
+    """Fold the adapter (and its trained head) into the base; write an image classifier directory
+    (as a whole: ``write_out_dir``).
 
     The directory loads with ``AutoModelForImageClassification.from_pretrained`` (labels in its
     config) and holds the base's image processor when the base has one."""
-    adapted = load_adapted(adapter, model, torch.device("cpu"), _build(torch.device("cpu")), quantized)
-    labels = LabelMap.read(adapted.adapter_dir / rundir.LABELS_FILE)
+    cpu = torch.device("cpu")
+    adapted = load_adapted(adapter, model, cpu, _build(cpu), quantized, allow_pickle)
+    labels = adapted.source.labels()
+    console.info(adapted.source.line())
+    console.info(labels.line())
     merged = merged_model(adapted, console)
-    merged.config.id2label = labels.id2label
-    merged.config.label2id = labels.label2id
-    out_dir = prepare_out_dir(out)
-    merged.save_pretrained(out_dir)
+    merged.config.id2label = dict(labels.config_names.id2label)
+    merged.config.label2id = dict(labels.config_names.label2id)
     processor = Path(adapted.model_path) / PROCESSOR_FILE
-    if processor.is_file():
-        shutil.copyfile(processor, out_dir / PROCESSOR_FILE)
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        if processor.is_file():
+            shutil.copyfile(processor, tmp / PROCESSOR_FILE)
+
+    out_dir = write_out_dir(out, fill, keep=[adapted.model_path, adapted.adapter_dir])
     console.info(f"merged {adapted.adapter_dir} into {adapted.model_path}")
     return out_dir
-

@@ -20,7 +20,8 @@ one object per line, blank lines skipped. Each line is one example in one of thr
   template that rewrites earlier turns, e.g. one that drops past reasoning, is reported).
 - ``{"text": str}``: plain text, the loss on every token (and the EOS after it).
 
-Every problem raises ``DataError`` naming the file and the 1-based line.
+Every problem raises ``DataError`` naming the file and the 1-based line; so does an empty (or
+whitespace-only) ``prompt``, ``response``, ``text`` or assistant ``content``.
 
 Fallback chat format (no ``chat_template``): the messages joined with ``"\\n"``, each written
 ``"<Role>: <content>"`` (the role capitalised: ``User: ...``, ``System: ...``), an assistant
@@ -131,6 +132,8 @@ def parse_line(name: str, line: int, raw: str) -> LMExample:
         if response_key is None:
             raise DataError(f"{where}: 'prompt' without 'response' (or 'completion')")
         prompt, response = _string(where, obj, "prompt"), _string(where, obj, response_key)
+        if not prompt.strip():
+            raise DataError(f"{where}: 'prompt' is empty (for a text without a prompt, write {{\"text\": ...}})")
         if not response.strip():
             raise DataError(f"{where}: {response_key!r} is empty")
         return LMExample(line, "prompt", prompt=prompt, response=response)
@@ -166,6 +169,8 @@ def _messages(where: str, value: Any) -> tuple[tuple[str, str], ...]:
             raise DataError(f"{where}: message {i}: 'role' must be a non-empty string, found {json.dumps(role)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i}: 'content' must be a string, found {json_type(content)}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{where}: message {i}: the 'assistant' message's 'content' is empty (nothing to learn)")
         out.append((role, content))
     if not any(role == "assistant" for role, _ in out):
         roles = ", ".join(sorted({r for r, _ in out}))

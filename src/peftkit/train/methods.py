@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from .. import (AdapterConfig, ConfigError, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig,
                 PTuningConfig)
-from .options import TrainOptions
+from .options import METHOD_OPTIONS, TrainOptions, check_method_options
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")
@@ -49,26 +49,25 @@ def _ia3(options: TrainOptions) -> PeftConfig:
 
 
 def _adapter(options: TrainOptions) -> PeftConfig:
-    if options.targets is not None:
-        raise ConfigError("--targets: --method adapter inserts adapters at the model's attention and feed-forward "
-                          "outputs (from its architecture); drop --targets")
+    # Inserted at the attention and feed-forward outputs the architecture names (no --targets).
     return AdapterConfig(variant="houlsby", dropout=options.dropout)
 
 
 def _input_method(make: Callable[[int], PeftConfig]) -> Callable[[TrainOptions], PeftConfig]:
     def build(options: TrainOptions) -> PeftConfig:
-        if options.targets is not None:
-            raise ConfigError(f"--targets: --method {options.method} adapts the inputs, not modules; drop --targets")
-        return make(options.virtual_tokens)
+        return make(options.virtual_tokens)  # they adapt the inputs, not modules (no --targets)
     return build
 
 
+# Each builder reads only its method's options of options.METHOD_OPTIONS (the check that no
+# other was given lives there).
 BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {
     "lora": _lora, "qlora": _lora, "dora": _dora, "ia3": _ia3, "adapter": _adapter,
     "prompt": _input_method(lambda n: PromptTuningConfig(num_virtual_tokens=n)),
     "ptuning": _input_method(lambda n: PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=128)),
     "prefix": _input_method(lambda n: PrefixTuningConfig(num_virtual_tokens=n)),
 }
+assert set(BUILDERS) == set(METHOD_OPTIONS)
 
 
 def build_config(options: TrainOptions, task_type: str | None = None,
@@ -76,6 +75,8 @@ def build_config(options: TrainOptions, task_type: str | None = None,
     """The method's config for the run; ``task_type`` and ``modules_to_save`` come from the task."""
     if options.method not in BUILDERS:
         raise ConfigError(f"--method: expected one of {', '.join(BUILDERS)}, found {options.method!r}")
+    if options.targets is not None:  # the one option whose default (None) tells "not given"
+        check_method_options(options.method, {"targets": ""})
     config = BUILDERS[options.method](options)
     if task_type is not None:
         config.task_type = task_type

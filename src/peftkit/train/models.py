@@ -20,17 +20,65 @@ BUILTIN: dict[str, Callable[[], str]] = {"minilm": _minilm}
 
 
 def resolve_model(name: str) -> str:
-    """The directory of ``name``: a bundled model's, or ``name`` itself when it is a directory."""
+    """The directory of ``name``: a bundled model's, or ``name`` itself when it is a directory
+    holding a transformers model (``check_model_dir``)."""
     if name in BUILTIN and not os.path.isdir(name):
         return str(BUILTIN[name]())
     if not os.path.isdir(name):
+        what = "not a directory" if os.path.exists(name) else "not a directory (nothing is there)"
         raise ConfigError(
-            f"--model {name!r}: not a directory; pass a local transformers model directory "
+            f"--model {name!r}: {what}; pass a local transformers model directory "
             f"or one of: {', '.join(BUILTIN)}"
         )
-    if not os.path.isfile(os.path.join(name, "config.json")):
-        raise ModelError(f"{name}: no config.json; not a transformers model directory")
+    check_model_dir(name)
     return os.path.abspath(name)
+
+
+# Files of a model directory whose "auto_map" names classes in the directory's own Python files.
+CODE_MAPS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def check_model_dir(path: str) -> None:
+    """``ModelError`` unless ``path`` holds a model transformers implements: a ``config.json``
+    that is a JSON object with a ``model_type`` transformers knows, and no ``auto_map`` to the
+    directory's own code. peftkit never passes ``trust_remote_code``, so a model's own Python
+    files are never run; this check reads JSON only (nothing in the directory is imported)."""
+    import json
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ModelError(f"{path}: no config.json; not a transformers model directory")
+    config: dict = {}
+    for file in CODE_MAPS:
+        file_path = os.path.join(path, file)
+        if not os.path.isfile(file_path):
+            continue
+        try:
+            with open(file_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{file_path} line {exc.lineno}: invalid JSON: {exc.msg}; not a transformers "
+                             "model directory") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{file_path}: cannot read: {first_line(exc)}") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{file_path}: expected a JSON object, found {type(data).__name__}")
+        if file == "config.json":
+            config = data
+        if data.get("auto_map"):
+            classes = data["auto_map"]
+            names = ", ".join(map(str, classes)) if isinstance(classes, dict) else str(classes)
+            raise ModelError(f"{file_path}: auto_map ({names}) asks to run the model's own code; peftkit does not "
+                             "run a model's own code (it never sets trust_remote_code); use a model whose type "
+                             "transformers implements")
+    kind = config.get("model_type")
+    if not isinstance(kind, str) or not kind:
+        raise ModelError(f"{config_path}: no 'model_type'; not a transformers model config")
+    from transformers import CONFIG_MAPPING
+
+    if kind not in CONFIG_MAPPING:
+        raise ModelError(f"{config_path}: model_type {kind!r} is not one transformers "
+                         "implements (peftkit does not run a model's own code)")
 
 
 def resolve_device(device: str | None) -> torch.device:

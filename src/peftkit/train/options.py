@@ -2,15 +2,18 @@
 
 A field's name is its long flag's name with ``-`` written ``_`` (``--batch-size`` ->
 ``batch_size``); a YAML file may spell keys either way. Values from YAML are checked and
-converted here (``lr: 1e-3`` is a string to YAML 1.1, and is accepted as a number).
+converted here (``lr: 1e-3`` is a string to YAML 1.1, and is accepted as a number). An unknown
+key is refused with the near names (``learning_rate``: did you mean ``lr``?); a method-specific
+option given to a method that does not take it (``METHOD_OPTIONS``) is refused too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .. import ConfigError
 
@@ -22,6 +25,19 @@ QUANT_TYPES = ("nf4", "fp4")  # as in DESIGN.md: dora = LoraConfig(use_dora=True
 # on the full hidden width and want smaller ones.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2},
                                               "ia3": {"lr": 1e-2}, "adapter": {"lr": 1e-3}}
+# The method-specific options each method takes: plain data, the one place that says it. An
+# option of this table given (as a flag or a YAML key, even at its default value) to a method
+# that does not list it is an error (``check_method_options``); every other option applies to
+# every method.
+_LORA_OPTIONS = ("r", "alpha", "dropout", "targets")
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "lora": _LORA_OPTIONS, "dora": _LORA_OPTIONS, "qlora": _LORA_OPTIONS,
+    "ia3": ("targets",),
+    "adapter": ("dropout",),  # insertion points come from the architecture, not --targets
+    "prompt": ("virtual_tokens",), "ptuning": ("virtual_tokens",), "prefix": ("virtual_tokens",),
+}
+assert set(METHOD_OPTIONS) == set(METHODS)
+METHOD_SPECIFIC = tuple(dict.fromkeys(name for names in METHOD_OPTIONS.values() for name in names))
 DEVICES = ("cpu", "cuda")
 TASKS = ("classify", "causal-lm", "image-classify")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -157,12 +173,38 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     for key, value in data.items():
         field = key_to_field(key)
         if field is None:
-            known = ", ".join(n.replace("_", "-") for n in FIELDS)
-            raise ConfigError(f"{name}: unknown key {key!r} (known keys: {known})")
+            raise ConfigError(f"{name}: unknown key {key!r}; {_near_keys(str(key))}")
         if field in values:
             raise ConfigError(f"{name}: key {key!r} is given twice (as '-' and '_' spellings)")
         values[field] = _convert(name, key, field, value)
     return values
+
+
+# Names other trainers (transformers' TrainingArguments, HF PEFT's configs) give some options.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "output_dir": "out",
+    "model_name_or_path": "model", "base_model": "model", "train_file": "data", "dataset": "data",
+    "validation_file": "eval_data", "eval_file": "eval_data", "max_seq_length": "max_length",
+    "lora_r": "r", "rank": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "target_modules": "targets", "num_virtual_tokens": "virtual_tokens", "peft_type": "method",
+    "save_total_limit": "save_limit", "early_stopping_patience": "early_stopping", "max_norm": "max_grad_norm",
+    "load_in_4bit": "quantize", "bnb_4bit_quant_type": "quantize", "fp16": "bf16",
+}
+
+
+def _near_keys(key: str) -> str:
+    """``did you mean 'lr'?`` for a misspelt or foreign key (written in the key's own spelling,
+    ``-`` or ``_``); the list of every key when no name is near."""
+    name = key.strip().lower().replace("-", "_")
+    near = ([ALIASES[name]] if name in ALIASES else []) + difflib.get_close_matches(name, list(FIELDS), n=3, cutoff=0.6)
+    near = list(dict.fromkeys(near))
+    dash = "-" in key and "_" not in key
+    spell = (lambda n: n.replace("_", "-")) if dash else (lambda n: n)
+    if near:
+        return "did you mean " + " or ".join(repr(spell(n)) for n in near) + "?"
+    return f"no option has a similar name (known keys: {', '.join(n.replace('_', '-') for n in FIELDS)})"
 
 
 def _convert(source: str, key: str, field: str, value: Any) -> Any:
@@ -214,13 +256,46 @@ def _convert(source: str, key: str, field: str, value: Any) -> Any:
     raise bad("a value")  # pragma: no cover - every field is handled above
 
 
-def build_options(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "") -> TrainOptions:
-    """Defaults, overridden by the file's values, overridden by flags given on the command line."""
-    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+def build_options(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "",
+                  saved: bool | None = None) -> TrainOptions:
+    """Defaults, overridden by the file's values, overridden by flags given on the command line.
+
+    What the user gave (the flags in ``cli_values`` that are not None, the file's keys) must
+    apply to the method (``check_method_options``), except the values of a file that is a run's
+    saved options (``saved``; None: a file that holds every option, as the ``options.json`` and
+    ``launch.yaml`` peftkit writes from ``TrainOptions.to_dict`` do), which are the options
+    already checked, defaults included.
+    """
+    flags = {k: v for k, v in cli_values.items() if v is not None}
+    merged = {**file_values, **flags}
     options = TrainOptions.__new__(TrainOptions)
     method_defaults = METHOD_DEFAULTS.get(merged.get("method", FIELDS["method"].default), {})
     for name, f in FIELDS.items():
         setattr(options, name, merged.get(name, method_defaults.get(name, f.default)))
-    from_file = {k: source for k in file_values if cli_values.get(k) is None} if source else {}
+    from_file = {k: source for k in file_values if k not in flags} if source else {}
     options.validate(from_file)
+    if saved is None:
+        saved = set(FIELDS) <= set(file_values)
+    given = {k: "" for k in flags}
+    if not saved:
+        given = {**{k: source or "the config file" for k in file_values}, **given}
+    check_method_options(options.method, given, method_from=from_file.get("method", ""))
     return options
+
+
+def check_method_options(method: str, given: Mapping[str, str], method_from: str = "") -> None:
+    """``ConfigError`` when an option the user gave does not apply to ``method`` (``METHOD_OPTIONS``).
+
+    ``given`` maps each option the user gave to where: ``""`` for the command line, else the
+    file's name. Only what the user gave counts, never a default or a run's saved options.
+    """
+    takes = METHOD_OPTIONS.get(method, ())
+    for name in METHOD_SPECIFIC:
+        if name in given and name not in takes:
+            flag = "--" + name.replace("_", "-")
+            where = f"{given[name]}: key {name.replace('_', '-')!r} ({flag})" if given[name] else flag
+            users = [m for m, names in METHOD_OPTIONS.items() if name in names]
+            own = ", ".join("--" + n.replace("_", "-") for n in takes) or "none"
+            chosen = f" (from {method_from})" if method_from else ""
+            raise ConfigError(f"{where} does not apply to --method {method}{chosen} (an option of "
+                              f"{', '.join(users)}; {method}'s own: {own}); drop it")

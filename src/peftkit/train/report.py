@@ -1,8 +1,8 @@
 """What a training run leaves on disk: ``metrics.jsonl``, ``summary.json``, ``loss.png``.
 
-Whole files (JSON, the plot) are written to a temporary file in the same directory and moved
-into place with ``os.replace``, so a crash leaves the old file or the new one, never half of
-one. ``metrics.jsonl`` grows one line per event; each line goes out in a single ``write`` on
+Whole files (JSON, the plot) are written to a temporary file in the same directory, fsynced and
+moved into place with ``os.replace`` (``peftkit.atomic.write_atomic``), so a crash leaves the old
+file or the new one, never half of one; a full disk is an ``OSError`` naming the file. ``metrics.jsonl`` grows one line per event; each line goes out in a single ``write`` on
 a file opened for appending, so a reader sees only whole lines of a run that was killed.
 """
 
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..io import write_atomic
+from ..atomic import write_atomic
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
