@@ -1,8 +1,10 @@
 """The conformance suite: every registered method, on tiny BERT, GPT-2, Llama and MiniLM.
 
 A new method joins by adding an entry to ``CASES`` keyed by its ``peft_type`` (the registry
-check below fails until it does; variants such as DoRA add keys of their own): a function ``(kind, init) -> config`` where ``init`` is "identity" (the method's own
-init, output equals the base where that applies) or "random" (non-zero, for round trips).
+check below fails until it does; variants such as DoRA add keys of their own): a function
+``(kind, init) -> config`` where ``init`` is "identity" (the method's own init, output equals
+the base where that applies) or "random" (non-zero, for round trips). Which checks apply
+(identity at init, merging) is read from the method's registry entry.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ CASES = {
     "P_TUNING": lambda kind, init: peftkit.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),
     "PREFIX_TUNING": lambda kind, init: peftkit.PrefixTuningConfig(num_virtual_tokens=4),
 }
-# (IA)³ has few parameters, each a multiplicative scale: it needs a larger step to move.
-# Bottleneck adapters act on the full hidden width: a smaller step keeps them stable.
+# What each case must show comes from its method's registry entry (its config's peft_type).
+PEFT_TYPE = {case: make("bert", "identity").peft_type for case, make in CASES.items()}
+IDENTITY_AT_INIT = {case for case, t in PEFT_TYPE.items() if registry.get(t).identity_at_init}
+MERGEABLE = {case for case, t in PEFT_TYPE.items() if registry.get(t).mergeable}
+# Steps for 15 AdamW steps on tiny models. (IA)³ has few parameters, each a multiplicative
+# scale: it needs a larger step to move. Bottleneck adapters act on the full hidden width: a
+# smaller step keeps them stable.
 LEARNING_RATE = {"IA3": 5e-2, "BOTTLENECK": 3e-3, "BOTTLENECK_PFEIFFER": 3e-3, "BOTTLENECK_PARALLEL": 3e-3}
-IDENTITY_AT_INIT = {"LORA", "DORA", "IA3", "BOTTLENECK", "BOTTLENECK_PFEIFFER", "BOTTLENECK_PARALLEL"}
-MERGEABLE = {"LORA", "DORA", "IA3"}
 # Input methods: N(0, 1) prompts (HF PEFT's init) need larger steps.
 LEARNING_RATE.update({"PROMPT_TUNING": 1e-1, "P_TUNING": 1e-1, "PREFIX_TUNING": 1e-1})
 # With virtual tokens prepended (HF PEFT's layout, which its files need), BERT's pooler reads

@@ -23,7 +23,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import PeftkitError, PeftkitWarning
-from .train.options import FIELDS, METHOD_DEFAULTS, METHODS, SCHEDULERS, TASKS
+from .train.options import CLI_METHODS, FIELDS, METHOD_DEFAULTS, METHOD_OPTIONS, METHODS, SCHEDULERS, TASKS
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -145,6 +145,11 @@ def cli() -> None:
     """
 
 
+def _takes(text: str, option: str) -> str:
+    """A method-specific option's help, with the methods that take it (from the registry)."""
+    return f"{text} ({', '.join(m for m, names in METHOD_OPTIONS.items() if option in names)})."
+
+
 def _help(text: str, field: str) -> str:
     """A flag's help with its default taken from ``TrainOptions``."""
     default = FIELDS[field].default
@@ -158,14 +163,15 @@ def _help(text: str, field: str) -> str:
               "image-classify: a folder of class folders.  [default: the bundled demo set]")
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of it held out (of each label's rows for classification), chosen with --seed]")
-@click.option("--method", type=click.Choice(METHODS), help=_help("Adapter method (dora: LoRA with DoRA's "
-              "magnitude vector; qlora: LoRA over a 4-bit NF4 base; ia3: (IA)³ scaling vectors; adapter: Houlsby bottleneck adapters; prompt, ptuning, prefix: prompt tuning, P-tuning, prefix tuning).", "method"))
-@click.option("--virtual-tokens", type=int, help=_help("Virtual tokens (prompt, ptuning, prefix).", "virtual_tokens"))
-@click.option("--r", type=int, help=_help("LoRA rank.", "r"))
-@click.option("--alpha", type=float, help=_help("LoRA alpha (scaling = alpha / r).", "alpha"))
-@click.option("--dropout", type=float, help=_help("Dropout on the LoRA input.", "dropout"))
-@click.option("--targets", help="Modules to adapt: a comma list (query,value), a regex over full "
-              "module names, or all-linear.  [default: the method's default for the model type]")
+@click.option("--method", type=click.Choice(METHODS), help=_help(
+    "Adapter method: " + "; ".join(f"{name}: {entry.help}" for name, (_, entry) in CLI_METHODS.items()) + ".",
+    "method"))
+@click.option("--virtual-tokens", type=int, help=_help(_takes("Virtual tokens", "virtual_tokens"), "virtual_tokens"))
+@click.option("--r", type=int, help=_help(_takes("Rank", "r"), "r"))
+@click.option("--alpha", type=float, help=_help(_takes("Alpha (scaling = alpha / r)", "alpha"), "alpha"))
+@click.option("--dropout", type=float, help=_help(_takes("Dropout on the adapter's input", "dropout"), "dropout"))
+@click.option("--targets", help=_takes("Modules to adapt: a comma list (query,value), a regex over full "
+              "module names, or all-linear", "targets") + "  [default: the method's default for the model type]")
 @click.option("--epochs", type=int, help=_help("Passes over the training data.", "epochs"))
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help=_help("Examples per step (and per eval batch).", "batch_size"))

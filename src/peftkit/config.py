@@ -130,6 +130,34 @@ class PeftConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
 
+@dataclass
+class TargetedConfig(PeftConfig):
+    """The target-selection fields every weight-side method shares, validated once here:
+    ``target_modules`` / ``exclude_modules`` (names, dotted suffixes, a regex, or
+    ``"all-linear"``), ``layers_to_transform`` / ``layers_pattern`` (which layers), and
+    ``modules_to_save`` (modules trained and saved in full, e.g. a new head). How they match is
+    ``targeting``'s job."""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check_names("target_modules", self.target_modules)
+        check_names("exclude_modules", self.exclude_modules)
+        check_layers_pattern(self.layers_pattern)
+        check_names("modules_to_save", self.modules_to_save, allow_str=False)
+        self.target_modules = normalize_names(self.target_modules)
+        self.exclude_modules = normalize_names(self.exclude_modules)
+        self.layers_pattern = normalize_names(self.layers_pattern)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
+
+
 def _check_type(name: str, value: Any, types: tuple[type, ...], expected: str) -> None:
     if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
         raise ConfigError(f"{name}: expected {expected}, found {value!r}")

@@ -51,6 +51,34 @@ class Unit(nn.Module):
         return {}
 
 
+class DeltaUnit(Unit):
+    """A unit whose effect on the layer is an additive weight update ``delta_weight()`` (LoRA,
+    DoRA, LoHa, LoKr, ...): merging adds it to the base weight, unmerging subtracts it again.
+
+    ``delta_weight`` is computed again for unmerging (the same inputs give the same tensor, and
+    no weight-sized copy is kept); a unit whose update depends on the base weight itself (DoRA's
+    norm) sets ``delta_reads_base`` and the tensor it added is kept until it is unmerged."""
+
+    mergeable: ClassVar[bool] = True
+    delta_reads_base: ClassVar[bool] = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update to the base weight, in the base layer's own layout and shape."""
+        raise NotImplementedError
+
+    def merge_into(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            delta = self.delta_weight().detach().to(base.weight.dtype)
+            base.weight.add_(delta)
+        self._added = delta if self.delta_reads_base else None
+
+    def unmerge_from(self, base: nn.Module) -> None:
+        with torch.no_grad():
+            delta = getattr(self, "_added", None)
+            base.weight.sub_(delta if delta is not None else self.delta_weight().to(base.weight.dtype))
+        self._added = None
+
+
 class Host(nn.Module):
     """What the core needs from anything that holds adapters inside a model.
 

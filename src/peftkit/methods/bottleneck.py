@@ -32,34 +32,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (PeftConfig, check_layer_indices, check_layers_pattern, check_names, check_number,
-                      check_positive_int, normalize_names)
+from .. import architectures
+from ..config import TargetedConfig, check_number, check_positive_int
 from ..errors import ConfigError
 from ..layer import Unit
-from ..registry import Method, register
+from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d
 
 VARIANTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 INSERTION_KEYS = ("layers", "attn_out", "ffn_out", "ffn", "ffn_residual_arg")
 
-_BERT = {"layers": "encoder.layer", "attn_out": "attention.output.dense", "ffn_out": "output.dense",
-         "ffn": "output", "ffn_residual_arg": 1}
-_LLAMA = {"layers": "layers", "attn_out": "self_attn.o_proj", "ffn_out": "mlp.down_proj", "ffn": "mlp",
-          "ffn_residual_arg": None}
-# Per transformers model_type: module names relative to one transformer layer.
-# ffn_residual_arg: index of the positional argument of the ``ffn`` module that carries the
-# block's input when that module adds the residual itself (BERT's ``output(hidden, input)``).
-INSERTION = {
-    "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "camembert": _BERT,
-    "gpt2": {"layers": "h", "attn_out": "attn.c_proj", "ffn_out": "mlp.c_proj", "ffn": "mlp",
-             "ffn_residual_arg": None},
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _LLAMA,
-}
+# Per transformers model_type, from the role map: module names relative to one transformer
+# layer. ffn_residual_arg: index of the positional argument of the ``ffn`` module that carries
+# the block's input when that module adds the residual itself (BERT's ``output(hidden, input)``).
+INSERTION = architectures.table(architectures.insertion)
 
 
 @dataclass
-class AdapterConfig(PeftConfig):
+class AdapterConfig(TargetedConfig):
     """Bottleneck adapter settings. ``bottleneck_size`` wins over ``reduction_factor``."""
 
     peft_type: ClassVar[str] = "BOTTLENECK"
@@ -71,12 +62,7 @@ class AdapterConfig(PeftConfig):
     scaling: float = 1.0
     dropout: float = 0.0
     init: str = "identity"  # "identity" (up = 0) or "random" (both random; for tests)
-    insertion: dict[str, Any] | None = None
-    target_modules: list[str] | str | None = None  # derived from insertion + variant when None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
+    insertion: dict[str, Any] | None = None  # target_modules is derived from it and the variant when None
 
     def validate(self) -> None:
         super().validate()
@@ -93,12 +79,6 @@ class AdapterConfig(PeftConfig):
             raise ConfigError(f"init: expected 'identity' or 'random', found {self.init!r}")
         if self.insertion is not None:
             _check_insertion(self.insertion)
-        check_layers_pattern(self.layers_pattern)
-        for name in ("target_modules", "exclude_modules", "layers_pattern"):
-            check_names(name, getattr(self, name))
-            setattr(self, name, normalize_names(getattr(self, name)))
-        check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
 
 
 def _check_insertion(insertion: Any) -> None:
@@ -214,4 +194,11 @@ def make_unit(config: AdapterConfig, module: nn.Module, path: str) -> Bottleneck
     return BottleneckUnit(dim, size, mode, residual_arg, config, {"device": weight.device, "dtype": dtype})
 
 
-register(Method("BOTTLENECK", AdapterConfig, make_unit=make_unit, prepare=prepare))
+register(Method(
+    "BOTTLENECK", AdapterConfig, make_unit=make_unit, prepare=prepare, identity_at_init=True,
+    # Inserted where the architecture says (no --targets); they act on the full hidden width and
+    # want smaller steps than LoRA.
+    cli=(CliMethod("adapter", "Houlsby bottleneck adapters after each attention and feed-forward block",
+                   lambda values: AdapterConfig(variant="houlsby", dropout=values["dropout"]), ("dropout",),
+                   {"lr": 1e-3}),),
+))

@@ -22,6 +22,8 @@ from .lora import LoraLinear
 
 
 class DoraLinear(LoraLinear):
+    delta_reads_base = True  # the norm is taken of W + s·BA
+
     def __init__(self, base: nn.Module, transposed: bool, **lora) -> None:
         if isinstance(base, nn.Linear):  # also a 4-bit Linear, whose packed weight has another shape
             n_in, n_out = base.in_features, base.out_features
@@ -29,7 +31,6 @@ class DoraLinear(LoraLinear):
             n_in, n_out = base.weight.shape  # Conv1D: (in, out)
         super().__init__(n_in, n_out, transposed, **lora)
         self.__dict__["_base"] = base  # a reference, not a submodule: no duplicate in state_dict
-        self._merged_delta: torch.Tensor | None = None
         with torch.no_grad():
             norm = self._norm(self._base_weight())
         self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
@@ -65,17 +66,6 @@ class DoraLinear(LoraLinear):
         merged = (self.lora_magnitude_vector / norm).view(-1, 1) * (weight + self.scaling * (self.lora_B @ self.lora_A))
         delta = merged - weight
         return delta.t() if self.transposed else delta
-
-    def merge_into(self, base: nn.Module) -> None:
-        # Keep the exact update we add, so unmerge subtracts the same tensor.
-        self._merged_delta = self.delta_weight().detach()
-        with torch.no_grad():
-            base.weight.add_(self._merged_delta.to(base.weight.dtype))
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        with torch.no_grad():
-            base.weight.sub_(self._merged_delta.to(base.weight.dtype))
-        self._merged_delta = None
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}

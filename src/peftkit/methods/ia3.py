@@ -21,15 +21,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import PeftConfig, check_bool, check_layer_indices, check_layers_pattern, check_names, normalize_names
+from .. import architectures
+from ..config import TargetedConfig, check_bool, check_names, normalize_names
 from ..errors import ConfigError, ModelError
 from ..layer import Unit
-from ..registry import Method, register
+from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, matches
 
 
 @dataclass
-class IA3Config(PeftConfig):
+class IA3Config(TargetedConfig):
     """(IA)³ settings; names as in HF PEFT's ``adapter_config.json``.
 
     ``target_modules``/``feedforward_modules`` default, per model type, to HF PEFT's choice
@@ -39,23 +40,14 @@ class IA3Config(PeftConfig):
 
     peft_type: ClassVar[str] = "IA3"
 
-    target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
 
     def validate(self) -> None:
         super().validate()
-        check_layers_pattern(self.layers_pattern)
-        for name in ("target_modules", "feedforward_modules", "exclude_modules", "layers_pattern"):
-            check_names(name, getattr(self, name))
-            setattr(self, name, normalize_names(getattr(self, name)))
-        check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
+        check_names("feedforward_modules", self.feedforward_modules)
+        self.feedforward_modules = normalize_names(self.feedforward_modules)
         check_bool("init_ia3_weights", self.init_ia3_weights)
         check_bool("fan_in_fan_out", self.fan_in_fan_out)
 
@@ -132,19 +124,8 @@ def make_unit(config: IA3Config, module: nn.Module, path: str) -> IA3Unit:
     return IA3Unit(n_in if on_input else n_out, on_input, transposed, config.init_ia3_weights, factory)
 
 
-# HF PEFT's defaults: (targets, feed-forward modules) per model type.
-DEFAULTS = {
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "xlm-roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "vit": (["key", "value", "output.dense"], ["output.dense"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-}
+# HF PEFT's choice, from the role map: (targets, feed-forward modules) per model type.
+DEFAULTS = architectures.table(architectures.ia3_targets)
 
 
 def prepare(model: nn.Module, config: IA3Config) -> IA3Config:
@@ -159,5 +140,11 @@ def prepare(model: nn.Module, config: IA3Config) -> IA3Config:
     return config
 
 
-register(Method("IA3", IA3Config, make_unit=make_unit, prepare=prepare,
-                default_targets={k: v[0] for k, v in DEFAULTS.items()}))
+register(Method(
+    "IA3", IA3Config, make_unit=make_unit, prepare=prepare, default_targets={k: v[0] for k, v in DEFAULTS.items()},
+    mergeable=True, identity_at_init=True,
+    # With --targets, every target is scaled at its output (no feed-forward module). Its vectors
+    # are multiplicative scales: they need larger steps than LoRA.
+    cli=(CliMethod("ia3", "(IA)³: learned scaling vectors on keys, values and the feed-forward",
+                   lambda values: IA3Config(target_modules=values["targets"]), ("targets",), {"lr": 1e-2}),),
+))

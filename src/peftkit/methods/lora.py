@@ -24,18 +24,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (PATTERN_KEY_TEMPLATE, PeftConfig, check_bool, check_layer_indices, check_layers_pattern,
-                      check_names, check_number, check_positive_int, check_regex, normalize_names)
+from .. import architectures
+from ..config import PATTERN_KEY_TEMPLATE, TargetedConfig, check_bool, check_number, check_positive_int, check_regex
 from ..errors import ConfigError
-from ..layer import Unit
-from ..registry import Method, register
+from ..layer import DeltaUnit
+from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
 
 INIT_CHOICES = (True, False, "gaussian")
 
 
 @dataclass
-class LoraConfig(PeftConfig):
+class LoraConfig(TargetedConfig):
     """LoRA settings; names and meanings as in HF PEFT's ``adapter_config.json``."""
 
     peft_type: ClassVar[str] = "LORA"
@@ -65,13 +65,8 @@ class LoraConfig(PeftConfig):
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
-    modules_to_save: list[str] | None = None
     bias: str = "none"
     use_rslora: bool = False
     init_lora_weights: bool | str = True
@@ -83,17 +78,8 @@ class LoraConfig(PeftConfig):
         check_positive_int("r", self.r)
         check_number("lora_alpha", self.lora_alpha)
         check_number("lora_dropout", self.lora_dropout, 0.0, 1.0)
-        check_names("target_modules", self.target_modules)
-        check_names("exclude_modules", self.exclude_modules)
-        check_names("modules_to_save", self.modules_to_save, allow_str=False)
-        check_layers_pattern(self.layers_pattern)
         for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
             check_bool(name, getattr(self, name))
-        self.target_modules = normalize_names(self.target_modules)
-        self.exclude_modules = normalize_names(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
-        self.layers_to_transform = check_layer_indices("layers_to_transform", self.layers_to_transform)
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias: expected 'none', 'all' or 'lora_only', found {self.bias!r}")
         init = self.init_lora_weights
@@ -121,10 +107,8 @@ class LoraConfig(PeftConfig):
 # -- units --------------------------------------------------------------------------------
 
 
-class LoraUnit(Unit):
-    """Shared by every layer type: rank, scaling, dropout, merge through ``delta_weight``."""
-
-    mergeable: ClassVar[bool] = True
+class LoraUnit(DeltaUnit):
+    """Shared by every layer type: rank, scaling, dropout; merged through ``delta_weight``."""
 
     def __init__(self, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__()
@@ -134,18 +118,6 @@ class LoraUnit(Unit):
 
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.dropout is None else self.dropout(x)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update to the base weight, in the base layer's own layout."""
-        raise NotImplementedError
-
-    def merge_into(self, base: nn.Module) -> None:
-        with torch.no_grad():
-            base.weight.add_(self.delta_weight().to(base.weight.dtype))
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        with torch.no_grad():
-            base.weight.sub_(self.delta_weight().to(base.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
@@ -287,39 +259,24 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
     return LoraEmbedding(module, **common)  # the only type left
 
 
-# Defaults when target_modules is None, per transformers model_type (the attention query and
-# value projections, as in the LoRA paper). ViT's are named query/value before transformers 5
-# and q_proj/v_proj from 5 on; a name that matches nothing is skipped. ConvNeXt has no
-# attention: its pointwise layers (Linear, most of its weights) and the dense Conv2d between
-# stages. Its depthwise 7x7 convs (dwconv) are left out: HF PEFT's layout for a grouped conv
-# needs r divisible by groups (= channels, 96..1536), which peftkit does not implement.
-_CONVNEXT = ["pwconv1", "pwconv2", "downsampling_layer.1"]
-DEFAULT_TARGETS = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "vit": ["query", "value", "q_proj", "v_proj"],
-    "convnext": _CONVNEXT,
-    "convnextv2": _CONVNEXT,
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "mpnet": ["q", "v"],
-    "t5": ["q", "v"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-}
+# Defaults when target_modules is None, per transformers model_type: the attention query and
+# value projections, as in the LoRA paper (from the role map).
+DEFAULT_TARGETS = architectures.table(architectures.lora_targets)
 
-register(Method("LORA", LoraConfig, make_unit=make_unit, default_targets=DEFAULT_TARGETS))
+
+def _cli_config(use_dora: bool):
+    def make(values: dict[str, Any]) -> LoraConfig:
+        return LoraConfig(r=values["r"], lora_alpha=values["alpha"], lora_dropout=values["dropout"],
+                          target_modules=values["targets"], use_dora=use_dora)
+    return make
+
+
+_CLI_OPTIONS = ("r", "alpha", "dropout", "targets")
+register(Method(
+    "LORA", LoraConfig, make_unit=make_unit, default_targets=DEFAULT_TARGETS, mergeable=True, identity_at_init=True,
+    cli=(CliMethod("lora", "LoRA: low-rank updates of the targets (default: the attention layers)",
+                   _cli_config(False), _CLI_OPTIONS),
+         CliMethod("dora", "DoRA: LoRA with a learned magnitude per output feature", _cli_config(True), _CLI_OPTIONS),
+         CliMethod("qlora", "QLoRA: LoRA over the base stored in 4-bit NF4 (bitsandbytes)", _cli_config(False),
+                   _CLI_OPTIONS, quantize="nf4")),
+))

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..config import check_positive_int
 from ..errors import ConfigError
 from ..prompting import InputAdapter, ModelShape, PromptLearningConfig, attach
-from ..registry import Method, register
+from ..registry import CliMethod, Method, register
 
 
 @dataclass
@@ -89,4 +89,10 @@ def _attach(model: nn.Module, config: PrefixTuningConfig, name: str) -> None:
     attach(model, config, name, build)
 
 
-register(Method("PREFIX_TUNING", PrefixTuningConfig, attach=_attach, module_prefix="base_model."))
+register(Method(
+    "PREFIX_TUNING", PrefixTuningConfig, attach=_attach, module_prefix="base_model.",
+    gradient_checkpointing=False,  # recomputed layers drop the key/value cache the prefixes live in
+    cli=(CliMethod("prefix", "prefix tuning: trained key/value prefixes in every layer",
+                   lambda values: PrefixTuningConfig(num_virtual_tokens=values["virtual_tokens"]),
+                   ("virtual_tokens",), {"lr": 3e-2}),),
+))

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..prompting import InputAdapter, ModelShape, PromptLearningConfig, attach
-from ..registry import Method, register
+from ..registry import CliMethod, Method, register
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
@@ -107,4 +107,10 @@ def _attach(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
     attach(model, config, name, build)
 
 
-register(Method("PROMPT_TUNING", PromptTuningConfig, attach=_attach, module_prefix="base_model."))
+register(Method(
+    "PROMPT_TUNING", PromptTuningConfig, attach=_attach, module_prefix="base_model.",
+    # N(0, 1) prompts (HF PEFT's init) need much larger steps than LoRA
+    cli=(CliMethod("prompt", "prompt tuning: trained virtual token embeddings before the input",
+                   lambda values: PromptTuningConfig(num_virtual_tokens=values["virtual_tokens"]),
+                   ("virtual_tokens",), {"lr": 1e-1}),),
+))

@@ -27,11 +27,10 @@ from .adapted import Adapted, Source, eval_data_of, load_adapted, merged_model, 
 from .data import HOLDOUT_FRACTION
 from .lm_data import IGNORE_INDEX, LMCollate, build_dataset, read_lm_examples, split_holdout
 from .models import check_max_length, dtype_kwargs, first_line, load_tokenizer, resolve_model
-from .options import TrainOptions
+from .options import CLI_METHODS, TrainOptions
 from .progress import Console
 from .task import Task, TaskData
 
-INPUT_METHODS = ("prompt", "ptuning", "prefix")
 AUTO_CLASS = "AutoModelForCausalLM"  # what a merged model directory loads with
 
 
@@ -131,7 +130,7 @@ class CausalLMTask(Task):
         if not o.data:
             raise ConfigError("--task causal-lm needs --data: a JSONL file with 'prompt'/'response', 'messages' "
                               "or 'text' on each line (there is no bundled causal-LM data set)")
-        if o.packing and o.method in INPUT_METHODS:
+        if o.packing and CLI_METHODS[o.method][0].input_method:
             raise ConfigError(f"--packing does not work with --method {o.method}: the virtual tokens need a 2-D "
                               "attention mask, and packed rows use a block-diagonal 4-D one")
         tokenizer = self._tokenizer()

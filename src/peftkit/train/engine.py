@@ -37,7 +37,7 @@ from .distributed import World
 from .loop import ShardOrder, make_optimizer, make_schedule, seed_everything
 from .methods import build_config, describe
 from .models import BUILTIN
-from .options import TrainOptions
+from .options import CLI_METHODS, TrainOptions
 from .progress import Console
 from .report import MetricsLog, TensorBoard, plot_loss, write_json
 from .task import Task, TaskData
@@ -162,13 +162,15 @@ class Engine:
         o = self.options
         if o.bf16 and self.world.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--bf16: this GPU does not support bfloat16; drop --bf16")
-        if o.fsdp and o.method in ("prompt", "ptuning", "prefix"):
-            raise ConfigError(f"--fsdp shards weight-side adapters (lora, dora, ia3, adapter); --method {o.method} "
+        method = CLI_METHODS[o.method][0]
+        if o.fsdp and method.input_method:
+            weight_side = ", ".join(n for n, (m, _) in CLI_METHODS.items() if not m.input_method)
+            raise ConfigError(f"--fsdp shards weight-side adapters ({weight_side}); --method {o.method} "
                               "trains a few virtual tokens: drop --fsdp")
-        if o.gradient_checkpointing and o.method == "prefix":
-            raise ConfigError("--gradient-checkpointing recomputes the layers without their key/value cache, "
-                              "where prefix tuning puts its prefixes; drop one of --gradient-checkpointing and "
-                              "--method prefix")
+        if o.gradient_checkpointing and not method.gradient_checkpointing:
+            raise ConfigError(f"--gradient-checkpointing recomputes the layers without their key/value cache, "
+                              f"which --method {o.method} needs; drop one of --gradient-checkpointing and "
+                              f"--method {o.method}")
         if o.save_limit is not None and o.save_steps is None:
             raise ConfigError("--save-limit keeps the most recent checkpoints; set --save-steps N to write them")
         if o.fsdp and o.quant_type:

@@ -1,13 +1,13 @@
-"""From ``--method`` and its flags to a peftkit config (one entry per method)."""
+"""From ``--method`` and its flags to a peftkit config (through the method's registry entry)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any
 
-from .. import (AdapterConfig, ConfigError, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig,
-                PTuningConfig)
-from .options import METHOD_OPTIONS, TrainOptions, check_method_options
+from .. import ConfigError, PeftConfig
+from .options import CLI_METHODS, TrainOptions, check_method_options
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")
@@ -34,56 +34,27 @@ def parse_targets(value: str | list[str] | None) -> str | list[str] | None:
     return names
 
 
-def _lora(options: TrainOptions, use_dora: bool = False) -> PeftConfig:
-    return LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                      target_modules=parse_targets(options.targets), use_dora=use_dora)
-
-
-def _dora(options: TrainOptions) -> PeftConfig:
-    return _lora(options, use_dora=True)
-
-
-def _ia3(options: TrainOptions) -> PeftConfig:
-    # With --targets, every target is scaled at its output (no feed-forward module).
-    return IA3Config(target_modules=parse_targets(options.targets))
-
-
-def _adapter(options: TrainOptions) -> PeftConfig:
-    # Inserted at the attention and feed-forward outputs the architecture names (no --targets).
-    return AdapterConfig(variant="houlsby", dropout=options.dropout)
-
-
-def _input_method(make: Callable[[int], PeftConfig]) -> Callable[[TrainOptions], PeftConfig]:
-    def build(options: TrainOptions) -> PeftConfig:
-        return make(options.virtual_tokens)  # they adapt the inputs, not modules (no --targets)
-    return build
-
-
-# Each builder reads only its method's options of options.METHOD_OPTIONS (the check that no
-# other was given lives there).
-BUILDERS: dict[str, Callable[[TrainOptions], PeftConfig]] = {
-    "lora": _lora, "qlora": _lora, "dora": _dora, "ia3": _ia3, "adapter": _adapter,
-    "prompt": _input_method(lambda n: PromptTuningConfig(num_virtual_tokens=n)),
-    "ptuning": _input_method(lambda n: PTuningConfig(num_virtual_tokens=n, encoder_hidden_size=128)),
-    "prefix": _input_method(lambda n: PrefixTuningConfig(num_virtual_tokens=n)),
-}
-assert set(BUILDERS) == set(METHOD_OPTIONS)
-
-
 def build_config(options: TrainOptions, task_type: str | None = None,
                  modules_to_save: list[str] | None = None) -> PeftConfig:
-    """The method's config for the run; ``task_type`` and ``modules_to_save`` come from the task."""
-    if options.method not in BUILDERS:
-        raise ConfigError(f"--method: expected one of {', '.join(BUILDERS)}, found {options.method!r}")
+    """The method's config for the run (its registry entry's ``make_config`` with the method's
+    options); ``task_type`` and ``modules_to_save`` come from the task."""
+    if options.method not in CLI_METHODS:
+        raise ConfigError(f"--method: expected one of {', '.join(CLI_METHODS)}, found {options.method!r}")
     if options.targets is not None:  # the one option whose default (None) tells "not given"
         check_method_options(options.method, {"targets": ""})
-    config = BUILDERS[options.method](options)
+    _, entry = CLI_METHODS[options.method]
+    values = {name: getattr(options, name) for name in entry.options}
+    if "targets" in values:
+        values["targets"] = parse_targets(values["targets"])
+    config = entry.make_config(values)
     if task_type is not None:
         config.task_type = task_type
     if modules_to_save:
         if not hasattr(config, "modules_to_save"):
+            able = [name for name, (method, _) in CLI_METHODS.items()
+                    if "modules_to_save" in {f.name for f in dataclasses.fields(method.config_cls)}]
             raise ConfigError(f"--method {options.method} cannot train the model's new head "
-                              f"({', '.join(modules_to_save)}) for this task; use lora, dora, ia3 or adapter")
+                              f"({', '.join(modules_to_save)}) for this task; use {', '.join(able)}")
         config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + modules_to_save))
     return config
 

@@ -15,37 +15,30 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .. import ConfigError
+from .. import ConfigError, registry
 
-METHODS = ("lora", "dora", "qlora", "ia3", "adapter", "prompt", "ptuning", "prefix")
-QUANT_TYPES = ("nf4", "fp4")  # as in DESIGN.md: dora = LoraConfig(use_dora=True)
-# Defaults that differ per method, used where neither the file nor a flag sets the field: the
-# input methods train few parameters from an N(0, 1) start and need larger steps than LoRA.
-# (IA)³'s vectors are multiplicative scales and need larger steps too; bottleneck adapters act
-# on the full hidden width and want smaller ones.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"prompt": {"lr": 1e-1}, "ptuning": {"lr": 1e-2}, "prefix": {"lr": 3e-2},
-                                              "ia3": {"lr": 1e-2}, "adapter": {"lr": 1e-3}}
-# The method-specific options each method takes: plain data, the one place that says it. An
-# option of this table given (as a flag or a YAML key, even at its default value) to a method
-# that does not list it is an error (``check_method_options``); every other option applies to
-# every method.
-_LORA_OPTIONS = ("r", "alpha", "dropout", "targets")
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "lora": _LORA_OPTIONS, "dora": _LORA_OPTIONS, "qlora": _LORA_OPTIONS,
-    "ia3": ("targets",),
-    "adapter": ("dropout",),  # insertion points come from the architecture, not --targets
-    "prompt": ("virtual_tokens",), "ptuning": ("virtual_tokens",), "prefix": ("virtual_tokens",),
-}
-assert set(METHOD_OPTIONS) == set(METHODS)
-METHOD_SPECIFIC = tuple(dict.fromkeys(name for names in METHOD_OPTIONS.values() for name in names))
+# Everything per method comes from its registry entry (``peftkit.registry.CliMethod``): the
+# ``--method`` names, the trainer's per-method defaults (used where neither the file nor a flag
+# sets the field) and the method-specific options each method takes. An option of
+# ``METHOD_SPECIFIC`` given (as a flag or a YAML key, even at its default value) to a method that
+# does not take it is an error (``check_method_options``); every other option applies to every
+# method.
+CLI_METHODS = registry.cli_methods()
+METHODS = tuple(CLI_METHODS)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(entry.defaults) for name, (_, entry) in CLI_METHODS.items()
+                                              if entry.defaults}
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {name: entry.options for name, (_, entry) in CLI_METHODS.items()}
+METHOD_SPECIFIC = registry.CLI_OPTIONS
+QUANT_TYPES = ("nf4", "fp4")
 DEVICES = ("cpu", "cuda")
 TASKS = ("classify", "causal-lm", "image-classify")
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
 def base_quant_type(method: str | None, quantize: str | None) -> str | None:
-    """The 4-bit format of the base, if any: ``--quantize``, or nf4 for ``--method qlora``."""
-    return quantize or ("nf4" if method == "qlora" else None)
+    """The 4-bit format of the base, if any: ``--quantize``, or the method's own (qlora: nf4)."""
+    entry = CLI_METHODS.get(method) if method else None
+    return quantize or (entry[1].quantize if entry else None)
 
 
 @dataclass
