@@ -38,7 +38,10 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         raise ModelError(f"adapter names repeat in {names}")
     if is_merged(model):
         raise ModelError("the model has merged adapters; call peftkit.unmerge(model) before switching")
-    for _, host in hosts(model):
+    all_hosts = [host for _, host in hosts(model)]
+    for host in all_hosts:  # every host agrees before any changes
+        host.check_active(names)
+    for host in all_hosts:
         host.set_active(names)
     state.active = names
 

@@ -24,10 +24,25 @@ FILE_PREFIX = "base_model.model."
 
 
 class Unit(nn.Module):
-    """One named adapter inside a host layer. Subclasses override what they need."""
+    """One named adapter inside a host layer. Subclasses override what they need.
+
+    How the active units of one layer compose (the host's rule): units that adjust the input do
+    so in the active order before the base runs; then the units run after it in the active
+    order, each on the output so far (``forward(x, out)``), except that
+
+    - a unit with ``runs_first`` (DoRA: its magnitude rescales the base weight W, never another
+      adapter's update) runs before the others, on the base layer's own output;
+    - a unit with ``replaces_base`` (LayerNorm tuning: a trained copy of the layer) computes the
+      layer's output itself, ``forward(x, None)``, and the base layer is not called;
+
+    at most one active unit of a layer may have either flag (``ModelError`` otherwise). Merging
+    folds the units in the same order, so merged equals unmerged.
+    """
 
     acts_on_input: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
+    runs_first: ClassVar[bool] = False
+    replaces_base: ClassVar[bool] = False
 
     def adjust_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -94,6 +109,9 @@ class Host(nn.Module):
 
     def set_active(self, names: Iterable[str]) -> None:
         raise NotImplementedError
+
+    def check_active(self, names: Iterable[str]) -> None:
+        """Raise ``ModelError`` when ``names`` cannot be active together here (nothing changes)."""
 
     def set_disabled(self, disabled: bool) -> None:
         raise NotImplementedError
@@ -181,12 +199,28 @@ class AdapterLayer(NamedAdapters):
             raise ModelError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
         super().remove(name)
 
+    def check_active(self, names: Iterable[str]) -> None:
+        special = [n for n in names if n in self.adapters
+                   and (self.adapters[n].runs_first or self.adapters[n].replaces_base)]
+        if len(special) > 1:
+            kinds = ", ".join(f"{n!r} ({type(self.adapters[n]).__name__})" for n in special)
+            raise ModelError(f"adapters {kinds} cannot be active together on one layer: each rescales or replaces "
+                             "the base layer itself; activate one of them")
+
+    def run_order(self, names: Iterable[str]) -> list[str]:
+        """``names`` (those present here) in the order the units run and merge (``Unit``'s rule)."""
+        present = [n for n in names if n in self.adapters]
+        return ([n for n in present if self.adapters[n].runs_first or self.adapters[n].replaces_base]
+                + [n for n in present if not (self.adapters[n].runs_first or self.adapters[n].replaces_base)])
+
     def _refresh(self) -> None:
+        self.check_active(self.active)
         run = () if self.disabled else tuple(
-            self.adapters[n] for n in self.active if n not in self.merged
+            self.adapters[n] for n in self.run_order(self.active) if n not in self.merged
         )
         self._pre = tuple(u for u in run if u.acts_on_input)
-        self._post = run
+        self._replace = run[0] if run and run[0].replaces_base else None
+        self._post = run[1:] if self._replace is not None else run
 
     # -- merging ----------------------------------------------------------------------------
     def mergeable_check(self) -> None:
@@ -204,7 +238,7 @@ class AdapterLayer(NamedAdapters):
         from . import quant
 
         self.mergeable_check()
-        pending = [n for n in self.active if n not in self.merged]
+        pending = [n for n in self.run_order(self.active) if n not in self.merged]
         if not pending:
             return []
         if quant.is_quantized(self.base_layer):
@@ -238,12 +272,15 @@ class AdapterLayer(NamedAdapters):
 
     # -- the hot path -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._post:
+        if self._replace is not None:
+            out = self._replace(x, None)
+        elif not self._post:
             return self.base_layer(x, *args, **kwargs)
-        base_x = x
-        for unit in self._pre:
-            base_x, args = unit.adjust_call(base_x, args)
-        out = self.base_layer(base_x, *args, **kwargs)
+        else:
+            base_x = x
+            for unit in self._pre:
+                base_x, args = unit.adjust_call(base_x, args)
+            out = self.base_layer(base_x, *args, **kwargs)
         for unit in self._post:
             out = unit(x, out)
         return out
