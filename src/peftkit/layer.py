@@ -12,126 +12,14 @@ is kept as the frozen original plus one trainable copy per adapter.
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from . import merging
 from .errors import ModelError
-
-# Prefix of every per-module key in HF PEFT's adapter file.
-FILE_PREFIX = "base_model.model."
-
-
-class Unit(nn.Module):
-    """One named adapter inside a host layer. Subclasses override what they need.
-
-    How the active units of one layer compose (the host's rule): units that adjust the input do
-    so in the active order before the base runs; then the units run after it in the active
-    order, each on the output so far (``forward(x, out)``), except that
-
-    - a unit with ``runs_first`` (DoRA: its magnitude rescales the base weight W, never another
-      adapter's update) runs before the others, on the base layer's own output;
-    - a unit with ``replaces_base`` (LayerNorm tuning: a trained copy of the layer) computes the
-      layer's output itself, ``forward(x, None)``, and the base layer is not called;
-
-    at most one active unit of a layer may have either flag (``ModelError`` otherwise). Merging
-    folds the units in the same order, so merged equals unmerged.
-    """
-
-    acts_on_input: ClassVar[bool] = False
-    mergeable: ClassVar[bool] = False
-    runs_first: ClassVar[bool] = False
-    replaces_base: ClassVar[bool] = False
-
-    def adjust_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def adjust_call(self, x: torch.Tensor, args: tuple) -> tuple[torch.Tensor, tuple]:
-        """Adjust the base layer's call: the first input and, where a unit needs to, the other
-        positional arguments (e.g. the residual that BERT's output block adds)."""
-        return self.adjust_input(x), args
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # noqa: D401
-        return out
-
-    def merge_into(self, base: nn.Module) -> None:
-        raise ModelError(f"{type(self).__name__} cannot be merged into the base layer")
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        raise ModelError(f"{type(self).__name__} cannot be unmerged from the base layer")
-
-    def file_tensors(self) -> dict[str, torch.Tensor]:
-        """The unit's tensors keyed by their suffix in HF PEFT's file (``lora_A.weight``)."""
-        return {}
-
-
-class DeltaUnit(Unit):
-    """A unit whose effect on the layer is an additive weight update ``delta_weight()`` (LoRA,
-    DoRA, LoHa, LoKr, ...): merging adds it to the base weight, unmerging subtracts it again.
-
-    ``delta_weight`` is computed again for unmerging (the same inputs give the same tensor, and
-    no weight-sized copy is kept); a unit whose update depends on the base weight itself (DoRA's
-    norm) sets ``delta_reads_base`` and the tensor it added is kept until it is unmerged."""
-
-    mergeable: ClassVar[bool] = True
-    delta_reads_base: ClassVar[bool] = False
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update to the base weight, in the base layer's own layout and shape."""
-        raise NotImplementedError
-
-    def merge_into(self, base: nn.Module) -> None:
-        with torch.no_grad():
-            delta = self.delta_weight().detach().to(base.weight.dtype)
-            base.weight.add_(delta)
-        self._added = delta if self.delta_reads_base else None
-
-    def unmerge_from(self, base: nn.Module) -> None:
-        with torch.no_grad():
-            delta = getattr(self, "_added", None)
-            base.weight.sub_(delta if delta is not None else self.delta_weight().to(base.weight.dtype))
-        self._added = None
-
-
-class Host(nn.Module):
-    """What the core needs from anything that holds adapters inside a model.
-
-    ``apply`` creates hosts; ``set_active``, ``disabled``, ``delete``, ``unload`` and the file
-    I/O talk to them only through these methods.
-    """
-
-    def names(self) -> list[str]:
-        raise NotImplementedError
-
-    def remove(self, name: str) -> None:
-        raise NotImplementedError
-
-    def set_active(self, names: Iterable[str]) -> None:
-        raise NotImplementedError
-
-    def check_active(self, names: Iterable[str]) -> None:
-        """Raise ``ModelError`` when ``names`` cannot be active together here (nothing changes)."""
-
-    def set_disabled(self, disabled: bool) -> None:
-        raise NotImplementedError
-
-    def owned(self, name: str) -> nn.Module | None:
-        """The module that holds adapter ``name``'s parameters here, if any."""
-        raise NotImplementedError
-
-    def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
-        """Adapter ``name``'s live tensors keyed as in HF PEFT's file; ``path`` is where the host sits."""
-        raise NotImplementedError
-
-    def restore(self, merge: bool) -> nn.Module | None:
-        """What goes back at the host's place when it is removed (None: nothing, delete it)."""
-        raise NotImplementedError
-
-    def inner(self) -> nn.Module | None:
-        """The module whose children continue the model's tree below the host (None: no descent)."""
-        return None
-
+from .unit import FILE_PREFIX, DeltaUnit, Host, Unit  # noqa: F401 - the methods import them from here too
 
 class NamedAdapters(Host):
     """A host whose adapters sit in ``self.adapters`` (a ``ModuleDict``), with an ordered active
@@ -182,6 +70,7 @@ class AdapterLayer(NamedAdapters):
         self.base_layer = base_layer
         self.training = base_layer.training
         self.merged: list[str] = []
+        self.backend: merging.Dense | merging.FourBit | None = None  # while merged
         self._refresh()
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
@@ -229,45 +118,37 @@ class AdapterLayer(NamedAdapters):
                 raise ModelError(f"adapter {name!r} ({type(self.adapters[name]).__name__}) cannot be merged")
 
     def merge(self, requantize: bool = False) -> list[str]:
-        """Fold the active, not yet merged units into the base weights; returns their names.
-
-        A 4-bit base is swapped for a dense copy of its dequantized weights first (the function
-        the units were trained against), and quantized again only with ``requantize``; the
-        original 4-bit module is kept aside so that ``unmerge`` restores it exactly.
-        """
-        from . import quant
-
+        """Fold the active, not yet merged units into the base weights, in their run order;
+        returns their names. How is the backend's business (``merging``: in place for a dense
+        base; into a dense copy of a 4-bit base, requantized only with ``requantize``)."""
         self.mergeable_check()
         pending = [n for n in self.run_order(self.active) if n not in self.merged]
         if not pending:
             return []
-        if quant.is_quantized(self.base_layer):
-            self.__dict__["_quantized"] = self.base_layer  # not a submodule: no state_dict keys
-            self.base_layer = quant.dense_copy(self.base_layer)
+        if self.backend is None:
+            self.backend = merging.backend_for(self.base_layer)
+            self.base_layer = self.backend.open(self.base_layer)
         for name in pending:
             self.adapters[name].merge_into(self.base_layer)
             self.merged.append(name)
-        original = self.__dict__.get("_quantized")
-        if requantize and original is not None:
-            self.base_layer = quant.quantized_copy(self.base_layer, original)
+        self.base_layer = self.backend.close(self.base_layer, requantize)
         self._refresh()
         return pending
 
     @property
     def requantized(self) -> bool:
         """Merged over a 4-bit base and quantized again (``merge(requantize=True)``)."""
-        from . import quant
-
-        return "_quantized" in self.__dict__ and quant.is_quantized(self.base_layer)
+        return self.backend is not None and self.backend.requantized
 
     def unmerge(self) -> None:
-        original = self.__dict__.pop("_quantized", None)
-        if original is not None:  # the 4-bit original was never changed
+        original = self.backend.original() if self.backend is not None else None
+        if original is not None:  # the untouched original (a 4-bit base) goes back
             self.base_layer = original
             self.merged.clear()
         while self.merged:
             name = self.merged.pop()
             self.adapters[name].unmerge_from(self.base_layer)
+        self.backend = None
         self._refresh()
 
     # -- the hot path -----------------------------------------------------------------------

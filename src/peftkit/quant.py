@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .targeting import is_conv1d, logical_modules, matches, output_head_names
+from .targeting import is_conv1d, logical_modules, matches, output_head_names, replace_module
+from .unit import Host
 
 
 def _bnb():
@@ -135,8 +136,6 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
     if not chosen:
         raise ConfigError(f"quantize: {type(model).__name__} has no linear layer to quantize "
                           f"(heads and skip_modules are left out)")
-    from .state import replace_module  # late: state imports layer, which imports nothing here
-
     for name, module in chosen:
         weight = module.weight.t() if is_conv1d(module) else module.weight
         dtype = compute_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
@@ -148,8 +147,6 @@ def quantize(model: nn.Module, bits: int = 4, quant_type: str = "nf4", double_qu
 
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every 4-bit layer of ``model`` by its dense copy, in place; returns the model."""
-    from .state import replace_module
-
     for name, module in [(n, m) for n, m in logical_modules(model) if n and is_quantized(m)]:
         replace_module(model, name, dense_copy(module))
     return model
@@ -169,8 +166,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             if state.nested and state.state2 is not None:
                 four_bit += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
             seen.add(id(w))
-    from .layer import Host  # adapters are not the base: leave their parameters out
-
     for module in model.modules():
         if isinstance(module, Host):
             for name in module.names():

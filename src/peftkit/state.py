@@ -15,7 +15,7 @@ import torch.nn as nn
 from .config import PeftConfig
 from .errors import ConfigError, ModelError
 from .layer import Host
-from .targeting import get_logical, logical_modules
+from .targeting import logical_modules, replace_module  # noqa: F401 - replace_module: part of this module's API
 
 ATTR = "_peftkit"
 
@@ -105,15 +105,3 @@ def hosts(model: nn.Module) -> Iterator[tuple[str, Host]]:
     for name, module in logical_modules(model):
         if isinstance(module, Host):
             yield name, module
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module | None) -> None:
-    """Put ``new`` at ``name``; ``None`` deletes the attribute (a host the model never had)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_logical(model, parent_name)
-    if isinstance(parent, Host):
-        parent = parent.inner()
-    if new is None:
-        delattr(parent, child)
-    else:
-        setattr(parent, child, new)

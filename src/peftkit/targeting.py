@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch.nn as nn
 
 from .errors import ConfigError
+from .unit import Host
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
@@ -40,8 +41,6 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` under the model's own names: a host layer is reported at the name of
     the module it wraps, its adapters are not listed, and the wrapped module's children keep
     their original names (``mlp.c_fc``, not ``mlp.base_layer.c_fc``)."""
-    from .layer import Host
-
     def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield prefix, module
         inner = module.inner() if isinstance(module, Host) else module
@@ -55,14 +54,25 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def get_logical(model: nn.Module, name: str) -> nn.Module:
     """The module at logical ``name``; inside a host layer, the wrapped module's children."""
-    from .layer import Host
-
     module = model
     for part in name.split(".") if name else []:
         if isinstance(module, Host):
             module = module.inner()
         module = getattr(module, part)
     return module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module | None) -> None:
+    """Put ``new`` at ``name``; ``None`` deletes the attribute (a host the model never had)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_logical(model, parent_name)
+    if isinstance(parent, Host):
+        parent = parent.inner()
+    if new is None:
+        delattr(parent, child)
+    else:
+        setattr(parent, child, new)
+
 
 
 def _matches_list(name: str, entries: list[str]) -> bool:

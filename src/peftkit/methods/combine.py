@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..inject import apply
 from ..layer import AdapterLayer, SavedModule
 from ..state import check_name, get_state, hosts
 from .lora import LoraConfig, LoraUnit
@@ -59,8 +60,6 @@ def _combined_pair(units: list[LoraUnit], weights: list[float], how: str, svd_ra
 def combine(model: nn.Module, names: list[str], weights: list[float], new_name: str, how: str = "cat",
             svd_rank: int | None = None) -> nn.Module:
     """Add adapter ``new_name`` = the weighted combination of LoRA adapters ``names``."""
-    from ..inject import apply  # late: inject imports the methods package
-
     state = get_state(model)
     if how not in HOW:
         raise ConfigError(f"how: expected one of {', '.join(HOW)}, found {how!r}")

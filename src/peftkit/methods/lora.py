@@ -1,4 +1,4 @@
-"""LoRA — "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021).
+"""LoRA — "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021) — and DoRA.
 
 A frozen weight W gets a trainable low-rank update: ``out = base(x) + s · dropout(x) Aᵀ Bᵀ``
 with A (r, in), B (out, r) and s = lora_alpha / r (or lora_alpha / √r with rsLoRA,
@@ -7,7 +7,7 @@ Kalajdzievski 2023). B starts at zero, so the adapted model equals the base at i
 Several active LoRA adapters on one layer compose by addition: each adds its own term.
 Merging adds ``s · B A`` to W (in the layer's own layout), which is exact up to rounding.
 
-With ``use_dora=True`` the unit is DoRA's (``methods/dora.py``).
+With ``use_dora=True`` the unit is DoRA's (``DoraLinear`` below).
 
 Layer types: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight stored (in, out)),
 ``nn.Conv2d`` (A is a conv with the base's kernel/stride/padding, B a 1x1 conv) and
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import architectures
+from .. import architectures, quant
 from ..config import PATTERN_KEY_TEMPLATE, TargetedConfig, check_bool, check_number, check_positive_int, check_regex
 from ..errors import ConfigError
 from ..layer import DeltaUnit
@@ -223,6 +223,71 @@ class LoraEmbedding(LoraUnit):
         return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
 
 
+# -- DoRA -----------------------------------------------------------------------------------
+# DoRA — "DoRA: Weight-Decomposed Low-Rank Adaptation" (Liu et al., 2024).
+#
+# The adapted weight is split into a magnitude and a direction: W' = m · (W + s·BA) / ‖W + s·BA‖,
+# with the norm taken per output feature (over the input dimension) and m a trainable vector
+# that starts at ‖W‖ (so the model equals the base at init, B being zero). As in the paper
+# (section 4.3) and HF PEFT, the norm is treated as a constant in the backward pass.
+#
+# Forward, without materialising W': ``out + (m/‖·‖ − 1)·(W x) + (m/‖·‖)·s·B A x`` where ``out`` is
+# the base layer's output (W x plus bias). With dropout, W x is recomputed on the dropped input,
+# as HF PEFT does. Enabled by ``LoraConfig(use_dora=True)``; file key ``lora_magnitude_vector``
+# (shape (out_features,)) beside ``lora_A``/``lora_B``. Linear and Conv1D layers.
+
+
+class DoraLinear(LoraLinear):
+    delta_reads_base = True  # the norm is taken of W + s·BA
+    runs_first = True  # it rescales the base layer's own output (layer.Unit's composition rule)
+
+    def __init__(self, base: nn.Module, transposed: bool, **lora) -> None:
+        if isinstance(base, nn.Linear):  # also a 4-bit Linear, whose packed weight has another shape
+            n_in, n_out = base.in_features, base.out_features
+        else:
+            n_in, n_out = base.weight.shape  # Conv1D: (in, out)
+        super().__init__(n_in, n_out, transposed, **lora)
+        self.__dict__["_base"] = base  # a reference, not a submodule: no duplicate in state_dict
+        with torch.no_grad():
+            norm = self._norm(self._base_weight())
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
+
+    def _base_weight(self) -> torch.Tensor:
+        """The frozen base weight as (out, in), in the adapter's dtype."""
+        if quant.is_quantized(self._base):
+            return quant.dequantized_weight(self._base).to(self.lora_A.dtype)
+        w = self._base.weight
+        return (w.t() if self.transposed else w).to(self.lora_A.dtype)
+
+    def _norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s·BA‖ per output feature, detached."""
+        return (weight + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        weight = self._base_weight()
+        scale = self.lora_magnitude_vector / self._norm(weight)  # (out,)
+        h = self.dropped(x)
+        if h.dtype != self.lora_A.dtype:
+            h = h.to(self.lora_A.dtype)
+        lora = (h @ self.lora_A.t()) @ self.lora_B.t()  # (..., out)
+        if self.dropout is None:
+            bias = self._base.bias
+            base_out = out.to(lora.dtype) - (bias.to(lora.dtype) if bias is not None else 0)
+        else:
+            base_out = F.linear(h, weight)
+        return out + ((scale - 1) * base_out + scale * lora * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        weight = self._base_weight()
+        norm = self._norm(weight)
+        merged = (self.lora_magnitude_vector / norm).view(-1, 1) * (weight + self.scaling * (self.lora_B @ self.lora_A))
+        delta = merged - weight
+        return delta.t() if self.transposed else delta
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+
 def _adapter_factory(base: nn.Module) -> dict:
     """Adapters live on the base's device; half-precision bases get float32 adapters."""
     weight = base.weight
@@ -241,8 +306,6 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
     common = dict(r=r, alpha=alpha, dropout=config.lora_dropout, rslora=config.use_rslora,
                   init=config.init_lora_weights, factory=_adapter_factory(module))
     if config.use_dora:
-        from .dora import DoraLinear
-
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise ConfigError(f"DoRA cannot adapt {path!r} of type {type(module).__name__}; supported: Linear, Conv1D")
         return DoraLinear(module, is_conv1d(module), **common)
