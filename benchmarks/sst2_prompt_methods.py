@@ -52,6 +52,7 @@ BUCKET = 50  # batches per length-sorted bucket
 # method -> learning rate (the CLI's defaults for these methods are the same numbers)
 LR = {"prompt": 1e-1, "ptuning": 1e-2, "prefix": 3e-2, "lora": 2e-3}
 LR.update({"qlora": LR["lora"], "dora": 2e-3, "ia3": 1e-2, "adapter": 1e-3, "full": 5e-5})  # the weight-side methods
+LR.update({"loha": 1e-2, "lokr": 2e-2, "ln_tuning": 1e-2})  # the CLI's defaults for these families
 
 
 def read_tsv(path: str) -> list[tuple[str, int]]:
@@ -83,6 +84,13 @@ def configs(method: str, library: str):
                               **lora_extra)
     if method == "ia3":  # the model type's default targets (key, value, output.dense) in both libraries
         return lib.IA3Config(**lora_extra)
+    if method in ("loha", "lokr"):  # r 8, alpha 16 on query/value, as LoRA above
+        kind, hf_name = {"loha": ("LOHA", "LoHaConfig"), "lokr": ("LOKR", "LoKrConfig")}[method]
+        cls = lib.registry.get(kind).config_cls if library == "peftkit" else getattr(lib, hf_name)
+        return cls(r=8, alpha=16, target_modules=["query", "value"], **lora_extra)
+    if method == "ln_tuning":  # every LayerNorm (HF PEFT has no default for BERT)
+        cls = lib.registry.get("LN_TUNING").config_cls if library == "peftkit" else lib.LNTuningConfig
+        return cls(target_modules=["LayerNorm"], **lora_extra)
     if method == "adapter":
         if library != "peftkit":
             raise SystemExit("HF PEFT has no bottleneck adapters")

@@ -63,3 +63,19 @@ def test_two_dora_adapters_cannot_be_active_on_one_layer():
     assert peftkit.active_adapters(model) == ["dora2"]  # nothing changed
     layer = model.proj
     assert isinstance(layer, AdapterLayer) and layer.active == ("dora2",)
+
+
+def test_the_merge_probe_leaves_each_layer_s_output_as_it_is():
+    """The probe records merged layers' outputs (as float32 copies on the CPU) without replacing
+    them: a bfloat16 model merges with the default probe, and its forward keeps bfloat16."""
+    from conftest import model_inputs, tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False))
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    report = peftkit.merge(model)  # the default probe runs before and after merging
+    assert seen and set(seen) == {torch.bfloat16}
+    assert report.output.max_abs < 0.1  # bfloat16 rounding of the merged weights, nothing more
+    with torch.no_grad():
+        assert model(**model_inputs("llama")).logits.dtype == torch.bfloat16

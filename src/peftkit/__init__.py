@@ -22,6 +22,13 @@ from .methods.prompt_tuning import PromptTuningConfig
 from .quant import prepare_for_kbit_training, quantize
 from .registry import Method, register
 
+from . import registry as _registry
+
+# Every registered method's config class is peftkit.<ClassName> (LoraConfig, LoHaConfig, ...),
+# without a line here per method.
+for _method in _registry.all_methods():
+    globals().setdefault(_method.config_cls.__name__, _method.config_cls)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -30,3 +37,4 @@ __all__ = [
     "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "infer_task_type",
     "load", "merge", "prepare_for_kbit_training", "quantize", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]
+__all__ += sorted({m.config_cls.__name__ for m in _registry.all_methods()} - set(__all__))

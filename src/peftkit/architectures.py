@@ -15,7 +15,7 @@ norm layers anywhere in the model). A method matches leaf names or dotted suffix
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ _BERT = Roles(layers="encoder.layer", q="attention.self.query", k="attention.sel
 _LLAMA = Roles(layers="layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                o="self_attn.o_proj", ffn_out="mlp.down_proj", ffn="mlp",
                norms=("input_layernorm", "post_attention_layernorm", "norm"))
-_FUSED = Roles(qkv="query_key_value")
+_FUSED = Roles(qkv="query_key_value", norms=("input_layernorm", "post_attention_layernorm", "ln_f"))
 # ConvNeXt has no attention: its pointwise layers (Linear, most of its weights) and the dense
 # Conv2d between stages. The depthwise 7x7 convs are left out: HF PEFT's layout for a grouped
 # conv needs r divisible by groups (= channels), which peftkit does not implement.
@@ -63,10 +63,13 @@ ROLES: dict[str, Roles] = {
                 norms=("layer_norm", "final_layer_norm")),
     "gpt2": Roles(layers="h", qkv="attn.c_attn", o="attn.c_proj", ffn_out="mlp.c_proj", ffn="mlp",
                   norms=("ln_1", "ln_2", "ln_f")),
-    "gpt_neox": _FUSED, "bloom": _FUSED, "falcon": _FUSED,
+    "gpt_neox": Roles(qkv="query_key_value"), "bloom": _FUSED, "falcon": _FUSED,
     "llama": _LLAMA, "mistral": _LLAMA, "mixtral": Roles(q="self_attn.q_proj", v="self_attn.v_proj"),
-    "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA, "gemma2": _LLAMA,
-    "phi": Roles(q="self_attn.q_proj", v="self_attn.v_proj"), "phi3": Roles(qkv="self_attn.qkv_proj"),
+    # Qwen2/3: every norm (HF PEFT's LayerNorm-tuning default takes post_attention_layernorm only)
+    "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+    "gemma2": replace(_LLAMA, norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                     "post_feedforward_layernorm", "norm")),
+    "phi": Roles(q="self_attn.q_proj", v="self_attn.v_proj", norms=("input_layernorm", "final_layernorm")), "phi3": Roles(qkv="self_attn.qkv_proj"),
     "opt": Roles(q="self_attn.q_proj", v="self_attn.v_proj"),
 }
 

@@ -169,7 +169,8 @@ def _help(text: str, field: str) -> str:
 @click.option("--virtual-tokens", type=int, help=_help(_takes("Virtual tokens", "virtual_tokens"), "virtual_tokens"))
 @click.option("--r", type=int, help=_help(_takes("Rank", "r"), "r"))
 @click.option("--alpha", type=float, help=_help(_takes("Alpha (scaling = alpha / r)", "alpha"), "alpha"))
-@click.option("--dropout", type=float, help=_help(_takes("Dropout on the adapter's input", "dropout"), "dropout"))
+@click.option("--dropout", type=float, help=_help(_takes("Dropout (LoRA's input, the bottleneck's hidden layer, LoHa's "
+                                                        "and LoKr's rank dropout)", "dropout"), "dropout"))
 @click.option("--targets", help=_takes("Modules to adapt: a comma list (query,value), a regex over full "
               "module names, or all-linear", "targets") + "  [default: the method's default for the model type]")
 @click.option("--epochs", type=int, help=_help("Passes over the training data.", "epochs"))

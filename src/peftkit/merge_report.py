@@ -75,8 +75,13 @@ class Probe:
 
     def run(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         seen: dict[str, torch.Tensor] = {}
-        handles = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(
-            name, out.detach().float().cpu())) for name, m in self.layers.items()]
+
+        def record(name: str):
+            def hook(_module, _inputs, out) -> None:  # returns None: the layer's output goes on unchanged
+                seen.setdefault(name, out.detach().float().cpu())
+            return hook
+
+        handles = [m.register_forward_hook(record(name)) for name, m in self.layers.items()]
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:

@@ -59,11 +59,18 @@ def build_config(options: TrainOptions, task_type: str | None = None,
     return config
 
 
+# A config's main numeric settings and how the console and ``peftkit info`` name them.
+SETTINGS = (("r", "r"), ("lora_alpha", "alpha"), ("alpha", "alpha"), ("lora_dropout", "dropout"),
+            ("rank_dropout", "rank_dropout"), ("module_dropout", "module_dropout"),
+            ("num_virtual_tokens", "virtual_tokens"))
+
+
+def settings(values: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(label, value) of the ``SETTINGS`` a config's field values hold."""
+    return [(label, values[field]) for field, label in SETTINGS
+            if isinstance(values.get(field), (int, float)) and not isinstance(values.get(field), bool)]
+
+
 def describe(config: Any) -> str:
     """A one-line summary of a config's main settings, e.g. ``r=8 alpha=16 dropout=0.05``."""
-    parts = []
-    for field, label in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
-                         ("num_virtual_tokens", "virtual_tokens")):
-        if hasattr(config, field):
-            parts.append(f"{label}={getattr(config, field):g}")
-    return " ".join(parts)
+    return " ".join(f"{label}={value:g}" for label, value in settings(vars(config)))

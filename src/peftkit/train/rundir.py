@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import AdapterFileError
 from ..io import pickle_refusal, read_pickled_tensors
+from .methods import settings
 
 ADAPTER_DIR = "adapter"
 LABELS_FILE = "labels.json"
@@ -126,9 +127,8 @@ def adapter_facts(adapter_dir: str | os.PathLike, allow_pickle: bool = False) ->
         facts.append(("targets", f"{', '.join(leaves)}{modules}"))
     elif targets is not None:
         facts.append(("targets", str(targets)))
-    for field, label in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
-        if field in data:
-            facts.append((label, f"{data[field]:g}"))
+    for label, value in settings(data):
+        facts.append((label, f"{value:g}"))
     if data.get("modules_to_save"):
         facts.append(("modules to save", ", ".join(data["modules_to_save"])))
     facts.append(("parameters", f"{count:,} in {len(shapes)} tensors"))
