@@ -401,3 +401,25 @@ def test_qlora_trains_over_a_4bit_base_and_merges_to_a_dense_model(workdir, tiny
     bad = invoke("train", "--quantize", "int3", "--model", tiny_model, "--data", data_files[0],
                  "--out", workdir / "never")
     assert bad.exit_code != 0 and "int3" in bad.output and "Traceback" not in bad.output
+
+
+def test_every_method_of_the_registry_is_in_the_help_and_the_docs():
+    """The CLI's methods come from the registry; the README and docs/cli.md must name each, with
+    its own learning rate."""
+    import re
+    from pathlib import Path
+
+    from peftkit.registry import cli_methods
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    docs = (root / "docs" / "cli.md").read_text(encoding="utf-8")
+    help_text = invoke("train", "--help").output
+    method_row = next(line for line in docs.splitlines() if line.startswith("| `--method M`"))
+    lr_row = next(line for line in docs.splitlines() if line.startswith("| `--lr X`"))
+    readme_row = next(line for line in readme.splitlines() if line.startswith("| `--method`"))
+    for name, (_, entry) in cli_methods().items():
+        assert name in help_text
+        assert f"`{name}`" in method_row and f"`{name}`" in readme_row, name
+        if "lr" in entry.defaults:
+            assert re.search(rf"`{re.escape(name)}` {entry.defaults['lr']:g}\b", lr_row), (name, lr_row)

@@ -154,6 +154,9 @@ class AdapterLayer(NamedAdapters):
     # -- the hot path -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._replace is not None:
+            if args or kwargs:  # a replacing unit computes from the input alone (norm layers take nothing else)
+                raise ModelError(f"{type(self._replace).__name__} replaces {type(self.base_layer).__name__}, "
+                                 f"which was called with more than its input")
             out = self._replace(x, None)
         elif not self._post:
             return self.base_layer(x, *args, **kwargs)
