@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 import peftkit
 from conftest import model_inputs, tiny_bert, tiny_gpt2

@@ -22,6 +22,7 @@ from peftkit import architectures, registry
 from peftkit.layer import AdapterLayer
 
 from cli_helpers import invoke, save_tiny_bert, write_topic_files
+from interop_helpers import assert_same, perturb_trainable, run
 from conftest import model_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -80,34 +81,6 @@ def inputs_for(kind: str) -> dict:
     if kind == "normnet":
         return {"x": torch.randn(4, 8, generator=torch.Generator().manual_seed(5))}
     return model_inputs(kind)
-
-
-def run(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def perturb_trainable(model: nn.Module, seed: int = 3, scale: float = 0.2) -> int:
-    """Stand-in for training: move every trainable parameter; returns how many were moved."""
-    g = torch.Generator().manual_seed(seed)
-    moved = 0
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
-                moved += 1
-    return moved
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None = None) -> None:
-    """``got`` equals ``want``; and, when ``base`` is given, the adapter visibly changed it."""
-    assert got.shape == want.shape
-    diff = (got - want).abs().max().item()
-    assert diff <= ATOL, f"outputs differ by {diff:.3g} (atol {ATOL:g})"
-    if base is not None:
-        moved = (want - base).abs().max().item()
-        assert moved > 1e-3, f"the adapter does not change the output ({moved:.3g}); the test would prove nothing"
 
 
 def hf_adapted_names(hf) -> list[str]:

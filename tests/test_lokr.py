@@ -28,6 +28,7 @@ import peftkit
 from peftkit import registry
 from peftkit.layer import AdapterLayer
 
+from interop_helpers import assert_same, perturb_trainable, run
 from conftest import model_inputs, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -75,34 +76,6 @@ def inputs_for(kind: str) -> dict:
     if kind == "convnet":
         return {"x": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))}
     return model_inputs(kind)
-
-
-def run(model: nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def perturb_trainable(model: nn.Module, seed: int = 3, scale: float = 0.2) -> int:
-    """Stand-in for training: move every trainable parameter; returns how many were moved."""
-    g = torch.Generator().manual_seed(seed)
-    moved = 0
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-                moved += 1
-    return moved
-
-
-def assert_same(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None = None, atol: float = ATOL) -> None:
-    """``got`` equals ``want``; with ``base``, the adapter visibly changed the output."""
-    assert got.shape == want.shape
-    diff = (got - want).abs().max().item()
-    assert diff <= atol, f"outputs differ by {diff:.3g} (atol {atol:g})"
-    if base is not None:
-        moved = (want - base).abs().max().item()
-        assert moved > 1e-3, f"the adapter does not change the output ({moved:.3g}); the test would prove nothing"
 
 
 def hf_config(kind: str, **kwargs):

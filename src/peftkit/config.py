@@ -225,6 +225,22 @@ def check_layers_pattern(value: Any) -> None:
         check_regex("layers_pattern", pattern, LAYERS_PATTERN_TEMPLATE)
 
 
+def check_pattern(name: str, value: Any, check: Any) -> dict[str, Any]:
+    """A ``rank_pattern`` / ``alpha_pattern``: None or a mapping of module pattern (a regex,
+    matched as ``targeting.pattern_value`` does) to a value ``check(label, value)`` accepts;
+    returns it as a plain dict ({} for None)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of module pattern -> value, found {value!r}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{name}: expected module patterns (strings) as keys, found {key!r}")
+        check_regex(f"{name}[{key!r}]", key, PATTERN_KEY_TEMPLATE)
+        check(f"{name}[{key!r}]", item)
+    return dict(value)
+
+
 def normalize_names(value: Any) -> Any:
     """Lists/sets of names become sorted lists (stable files); strings stay regexes."""
     if value is None or isinstance(value, str):

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import architectures, quant
-from ..config import PATTERN_KEY_TEMPLATE, TargetedConfig, check_bool, check_number, check_positive_int, check_regex
+from ..config import TargetedConfig, check_bool, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError
 from ..layer import DeltaUnit
 from ..registry import CliMethod, Method, register
@@ -87,21 +87,8 @@ class LoraConfig(TargetedConfig):
             raise ConfigError(
                 f"init_lora_weights: peftkit supports True, False or 'gaussian', found {self.init_lora_weights!r}"
             )
-        for name, pattern, check in (
-            ("rank_pattern", self.rank_pattern, check_positive_int),
-            ("alpha_pattern", self.alpha_pattern, check_number),
-        ):
-            if pattern is None:
-                continue
-            if not isinstance(pattern, dict):
-                raise ConfigError(f"{name}: expected a mapping of module pattern -> value, found {pattern!r}")
-            for key, value in pattern.items():
-                if not isinstance(key, str):
-                    raise ConfigError(f"{name}: expected module patterns (strings) as keys, found {key!r}")
-                check_regex(f"{name}[{key!r}]", key, PATTERN_KEY_TEMPLATE)
-                check(f"{name}[{key!r}]", value)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.rank_pattern = check_pattern("rank_pattern", self.rank_pattern, check_positive_int)
+        self.alpha_pattern = check_pattern("alpha_pattern", self.alpha_pattern, check_number)
 
 
 # -- units --------------------------------------------------------------------------------

@@ -1,0 +1,37 @@
+"""Shared pieces of the interop tests (peftkit beside HF PEFT): running a model, perturbing the
+trainable parameters as training would, comparing outputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+ATOL = 1e-5
+
+
+def run(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def perturb_trainable(model: nn.Module, seed: int = 3, scale: float = 0.2) -> int:
+    """Stand-in for training: move every trainable parameter; returns how many were moved."""
+    g = torch.Generator().manual_seed(seed)
+    moved = 0
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+                moved += 1
+    return moved
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None = None, atol: float = ATOL) -> None:
+    """``got`` equals ``want``; and, when ``base`` is given, the adapter visibly changed it."""
+    assert got.shape == want.shape
+    diff = (got - want).abs().max().item()
+    assert diff <= atol, f"outputs differ by {diff:.3g} (atol {atol:g})"
+    if base is not None:
+        moved = (want - base).abs().max().item()
+        assert moved > 1e-3, f"the adapter does not change the output ({moved:.3g}); the test would prove nothing"
