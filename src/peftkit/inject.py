@@ -71,14 +71,22 @@ def build(model: nn.Module, config: PeftConfig, name: str, infer_defaults: bool)
             config = method.prepare(model, config)
         if infer_defaults:  # a file's entries that match nothing are left to the strict key check
             _check_saved_modules(model, config)
-        if method.make_unit is not None:
-            targets = find_targets(model, config, method.default_targets)
-            # Build every unit before touching the model, so a refused layer changes nothing.
-            units = [method.make_unit(config, getattr(m, "base_layer", m), path) for path, m in targets]
-        else:
+        if method.attach is not None:
             targets, units = [], []
             method.attach(model, config, name)
-    except ConfigError:
+        else:
+            targets = find_targets(model, config, method.default_targets)
+            # Build every unit before wrapping a layer, so a refused layer changes nothing.
+            originals = [(path, getattr(m, "base_layer", m)) for path, m in targets]
+            if method.make_unit is not None:
+                units = [method.make_unit(config, module, path) for path, module in originals]
+            else:
+                units = list(method.build_units(model, config, name, originals))
+                if len(units) != len(targets):
+                    raise ModelError(f"{method.peft_type}: build_units gave {len(units)} units for "
+                                     f"{len(targets)} targets")
+    except (ConfigError, ModelError):
+        _remove_partial(model, name)  # a shared host build_units or attach had begun
         if not state.configs:
             drop_state(model)
         raise
@@ -101,6 +109,15 @@ def check_adapter_name(name: object) -> None:
     if not isinstance(name, str) or not name or name.strip() != name or any(c in name for c in "./\\\0"):
         raise ConfigError(f"adapter name: expected a non-empty string without '.', '/', '\\' or spaces around it, "
                           f"found {name!r}")
+
+
+def _remove_partial(model: nn.Module, name: str) -> None:
+    """Take adapter ``name`` out of every host that holds it; hosts left empty go."""
+    for path, host in list(hosts(model)):
+        if name in host.names():
+            host.remove(name)
+            if not host.names():
+                replace_module(model, path, host.restore(merge=False))
 
 
 def _with_task_defaults(model: nn.Module, config: PeftConfig) -> PeftConfig:

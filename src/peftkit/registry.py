@@ -47,6 +47,29 @@ class CliMethod:
 
 
 @dataclass(frozen=True)
+class TrainingHooks:
+    """What a method needs from a training loop, called by the trainer without knowing the method
+    (each gets the unwrapped model and the adapter's name):
+
+    - ``begin(model, name, total_steps)``: before the first step (also on resume), with the
+      number of optimizer steps the run will take (AdaLoRA's schedule);
+    - ``loss(model, name) -> Tensor | None``: a term added once per optimizer step to the loss
+      (AdaLoRA's orthogonal regulariser), on the window's last micro-batch;
+    - ``step(model, name, step)``: after ``optimizer.step()`` and before ``zero_grad`` (the
+      gradients of the step are still there), at accumulation boundaries only; ``step`` is the
+      number of optimizer steps taken (AdaLoRA's rank allocation);
+    - ``state(model, name) -> dict`` / ``load_state(model, name, state)``: what a checkpoint
+      must keep beyond the trainable parameters for an exact resume (tensors and plain values).
+    """
+
+    begin: Callable[[nn.Module, str, int], None] | None = None
+    loss: Callable[[nn.Module, str], Any] | None = None
+    step: Callable[[nn.Module, str, int], None] | None = None
+    state: Callable[[nn.Module, str], dict] | None = None
+    load_state: Callable[[nn.Module, str, dict], None] | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     """The one description of a method: everything the core, the trainer, the CLI and the
     conformance suite need to know about it.
@@ -57,12 +80,19 @@ class Method:
     module names used when the config's ``target_modules`` is None (usually read from the
     role map in ``architectures``).
 
+    A weight-side method whose layers share state (VeRA's shared projections) gives
+    ``build_units(model, config, name, targets) -> units`` instead of ``make_unit``: one unit per
+    ``(path, module)`` target, in order; it may install a shared ``layer.Host`` of its own. If it
+    raises, ``apply`` removes whatever the adapter ``name`` left in any host, so the model is as it
+    was.
+
     A method that adds something to the model rather than wrapping matched layers (the input
     methods) gives ``attach(model, config, name)`` instead, which installs or extends its own
     ``layer.Host`` in the model and raises ``ConfigError`` before changing anything it cannot do.
 
-    Flags: ``mergeable`` (its units fold into the base weights), ``identity_at_init`` (a new
-    adapter leaves the model's function unchanged), ``gradient_checkpointing`` (it works with
+    ``training``: the hooks a training loop calls for it (``TrainingHooks``). Flags:
+    ``mergeable`` (its units fold into the base weights), ``identity_at_init`` (a new adapter
+    leaves the model's function unchanged), ``gradient_checkpointing`` (it works with
     recomputed blocks; prefix tuning's KV cache does not). ``cli``: its ``peftkit train
     --method`` entries (one method may have several: ``lora``, ``dora``, ``qlora``).
     """
@@ -81,10 +111,14 @@ class Method:
     identity_at_init: bool = False
     gradient_checkpointing: bool = True
     cli: tuple[CliMethod, ...] = ()
+    build_units: Callable[[nn.Module, PeftConfig, str, list[tuple[str, nn.Module]]], list[nn.Module]] | None = None
+    training: TrainingHooks = field(default_factory=TrainingHooks)
 
     def __post_init__(self) -> None:
-        if (self.make_unit is None) == (self.attach is None):
-            raise ConfigError(f"method {self.peft_type!r}: give exactly one of make_unit and attach")
+        given = [n for n in ("make_unit", "build_units", "attach") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"method {self.peft_type!r}: give exactly one of make_unit, build_units and attach "
+                              f"(given: {', '.join(given) or 'none'})")
 
     @property
     def input_method(self) -> bool:

@@ -219,6 +219,9 @@ class Engine:
         self.steps_per_epoch = -(-self.micro_per_epoch // o.grad_accum)
         self.total = o.max_steps if o.max_steps is not None else o.epochs * self.steps_per_epoch
         self.scheduler = make_schedule(o.scheduler, self.optimizer, int(self.total * o.warmup_ratio), self.total)
+        self.hooks = CLI_METHODS[o.method][0].training  # what the method needs from the loop (registry)
+        if self.hooks.begin is not None:
+            self.hooks.begin(model, ADAPTER, self.total)
         global_batch = o.batch_size * o.grad_accum * world.size
         console.info(f"training: {self.total} steps ({self.total / self.steps_per_epoch:.3g} epochs of "
                      f"{self.steps_per_epoch} steps), {global_batch} examples a step ({o.batch_size} x "
@@ -263,7 +266,11 @@ class Engine:
             with distributed.gradient_sync(s.module, sync=i == len(window) - 1):
                 with self._autocast():
                     part = self.task.loss_sum(s.module, batch)
-                (part * (world.size / total)).backward()
+                    term = part * (world.size / total)
+                    if i == len(window) - 1 and self.hooks.loss is not None:  # once a step (AdaLoRA's regulariser)
+                        extra = self.hooks.loss(s.model, ADAPTER)
+                        term = term + extra if extra is not None else term
+                term.backward()
             window_loss += part.detach()
         (loss_sum,) = distributed.sum_across(world, [window_loss.item()])  # one device sync a step
         loss = loss_sum / total
@@ -274,6 +281,8 @@ class Engine:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        if self.hooks.step is not None:  # the step's gradients are still there (AdaLoRA's allocation)
+            self.hooks.step(s.model, ADAPTER, pos.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         pos.step += 1
         pos.batch += len(window)
@@ -388,7 +397,8 @@ class Engine:
             options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         rngs = distributed.gather_objects(self.world, checkpoint.rng_state())
         if self.world.main:
-            trainer = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": rngs}
+            trainer = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                       "method": self.hooks.state(self.setup.model, ADAPTER) if self.hooks.state else None}
 
             def fill(tmp: Path) -> None:
                 self._fill_adapter(tmp / checkpoint.ADAPTER_DIR, tensors)
@@ -422,6 +432,8 @@ class Engine:
                        optim_state_dict=trainer["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         self.scheduler.load_state_dict(trainer["scheduler"])
+        if self.hooks.load_state is not None and trainer.get("method") is not None:
+            self.hooks.load_state(self.setup.model, ADAPTER, trainer["method"])
         self._override_lr()
         checkpoint.set_rng_state(trainer["rng"][self.world.rank])
         known = {f for f in Position.__dataclass_fields__}
