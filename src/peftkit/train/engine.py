@@ -397,8 +397,9 @@ class Engine:
             options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
         rngs = distributed.gather_objects(self.world, checkpoint.rng_state())
         if self.world.main:
-            trainer = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": rngs,
-                       "method": self.hooks.state(self.setup.model, ADAPTER) if self.hooks.state else None}
+            trainer = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "rng": rngs}
+            if self.hooks.state is not None:  # what the method keeps beyond its parameters (TrainingHooks)
+                trainer["method"] = self.hooks.state(self.setup.model, ADAPTER)
 
             def fill(tmp: Path) -> None:
                 self._fill_adapter(tmp / checkpoint.ADAPTER_DIR, tensors)
