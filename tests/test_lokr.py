@@ -550,3 +550,21 @@ def test_cli_train_lokr_writes_an_adapter_hf_loads(tmp_path) -> None:
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert not any("lokr" in n for n, _ in plain.named_parameters())
     assert_same(run(plain, inputs), trained)
+
+
+@pytest.mark.parametrize("extra", [{}, {"init_weights": False}, {"init_weights": "lycoris"},
+                                   {"decompose_both": True, "r": 2}])
+def test_the_same_seed_draws_hf_peft_s_initial_weights(extra) -> None:
+    """Runs beside HF PEFT start from the same weights (the RNG is drawn in HF's order)."""
+    import peft
+
+    settings = {"r": 4, "alpha": 8, "target_modules": ["query", "value"], **extra}
+    torch.manual_seed(7)
+    ours = peftkit.apply(tiny_bert(), peftkit.LoKrConfig(**settings))
+    torch.manual_seed(7)
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoKrConfig(**settings))
+    mine = {k.replace(".adapters.default", ""): v for k, v in ours.state_dict().items() if "lokr_" in k}
+    hf = {k.replace("base_model.model.", "").replace(".default", ""): v
+          for k, v in theirs.state_dict().items() if "lokr_" in k}
+    assert mine.keys() == hf.keys() and mine
+    assert all(torch.equal(mine[k], hf[k]) for k in mine), [k for k in mine if not torch.equal(mine[k], hf[k])]

@@ -170,13 +170,22 @@ class LoKrUnit(DeltaUnit):
         self._init(config.init_weights)
 
     def _init(self, init: bool | str) -> None:
+        """HF PEFT's init, drawing from the RNG in its order (w1 side, w2 side, t2) and only for the
+        tensors it draws, so the same seed gives HF PEFT's initial weights: True (its default)
+        zeroes the W1 side (W1, or W1_a), "lycoris" the W2 side (W2, or W2_b), False none."""
+        zero = set()
+        if init is True:
+            zero.add("lokr_w1" if self.full_w1 else "lokr_w1_a")
+        elif init == "lycoris":
+            zero.add("lokr_w2" if self.full_w2 else "lokr_w2_b")
         with torch.no_grad():
-            for t in self.file_tensors().values():
-                _kaiming(t)
-            if init is True:  # HF PEFT's default: the W1 side starts at zero
-                nn.init.zeros_(self.lokr_w1 if self.full_w1 else self.lokr_w1_a)
-            elif init == "lycoris":  # LyCORIS' way: the W2 side starts at zero
-                nn.init.zeros_(self.lokr_w2 if self.full_w2 else self.lokr_w2_b)
+            for name, t in self.file_tensors().items():  # w1, w1_a, w1_b, w2, w2_a, w2_b, t2
+                if name in zero:
+                    nn.init.zeros_(t)
+                elif not (init == "lycoris" and name == "lokr_w2_a" and not self.full_w2):
+                    _kaiming(t)
+            if init == "lycoris" and not self.full_w2:  # HF zeroes w2_b before drawing w2_a
+                _kaiming(self.lokr_w2_a)
 
     # -- the factors ------------------------------------------------------------------------
     def w1(self) -> torch.Tensor:
