@@ -53,6 +53,8 @@ BUCKET = 50  # batches per length-sorted bucket
 LR = {"prompt": 1e-1, "ptuning": 1e-2, "prefix": 3e-2, "lora": 2e-3}
 LR.update({"qlora": LR["lora"], "dora": 2e-3, "ia3": 1e-2, "adapter": 1e-3, "full": 5e-5})  # the weight-side methods
 LR.update({"loha": 1e-2, "lokr": 2e-2, "ln_tuning": 1e-2})  # the CLI's defaults for these families
+LR.update({"vera": 5e-2, "oft": 5e-3, "adalora": 2e-2})
+ADALORA_STEPS = SUBSET // 32  # its schedule's total_step: one epoch at the default --batch 32
 
 
 def read_tsv(path: str) -> list[tuple[str, int]]:
@@ -88,6 +90,16 @@ def configs(method: str, library: str):
         kind, hf_name = {"loha": ("LOHA", "LoHaConfig"), "lokr": ("LOKR", "LoKrConfig")}[method]
         cls = lib.registry.get(kind).config_cls if library == "peftkit" else getattr(lib, hf_name)
         return cls(r=8, alpha=16, target_modules=["query", "value"], **lora_extra)
+    if method == "vera":  # r 256 (VeRA's usual rank) on query/value
+        cls = lib.registry.get("VERA").config_cls if library == "peftkit" else lib.VeraConfig
+        return cls(r=256, target_modules=["query", "value"], **lora_extra)
+    if method == "oft":  # 8 blocks per layer on query/value
+        cls = lib.registry.get("OFT").config_cls if library == "peftkit" else lib.OFTConfig
+        return cls(r=8, oft_block_size=0, target_modules=["query", "value"], **lora_extra)
+    if method == "adalora":  # ranks 12 -> 8 on query/value over the epoch (HF's defaults otherwise)
+        cls = lib.registry.get("ADALORA").config_cls if library == "peftkit" else lib.AdaLoraConfig
+        return cls(init_r=12, target_r=8, lora_alpha=16, total_step=ADALORA_STEPS, target_modules=["query", "value"],
+                   **lora_extra)
     if method == "ln_tuning":  # every LayerNorm (HF PEFT has no default for BERT)
         cls = lib.registry.get("LN_TUNING").config_cls if library == "peftkit" else lib.LNTuningConfig
         return cls(target_modules=["LayerNorm"], **lora_extra)
@@ -159,17 +171,33 @@ def run(method: str, library: str, seed: int, args) -> dict:
     warmup = max(1, int(0.06 * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / (steps - warmup)))
+    # What a method needs from the loop (AdaLoRA): peftkit's registry hooks, HF PEFT's update_and_allocate
+    # (HF adds AdaLoRA's regulariser to the loss in its forward itself).
+    hooks = None
+    if library == "peftkit" and method not in ("full",):
+        import peftkit
+
+        hooks = peftkit.registry.method_for(peftkit.state.get_state(model).configs["default"]).training
+        if hooks.begin is not None:
+            hooks.begin(model, "default", steps)
     start = time.time()
     model.train()
     losses = []
     for step, batch in enumerate(batches(train, tokenizer, args.batch, args.max_length, plan), start=1):
         loss = model(**batch).loss
+        losses.append(loss.item())
+        if hooks is not None and hooks.loss is not None:
+            extra = hooks.loss(model, "default")
+            loss = loss + extra if extra is not None else loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        if hooks is not None and hooks.step is not None:
+            hooks.step(model, "default", step)
+        elif library == "peft" and method == "adalora":
+            model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
         if step % 50 == 0:
             print(f"  {library} {method} seed {seed}: step {step}/{steps} loss {statistics.mean(losses[-50:]):.4f}",
                   flush=True)

@@ -38,6 +38,10 @@ CASES = {
         r=4, alpha=8, init_weights=(init == "identity")),
     "LOKR": lambda kind, init: None if kind == "gpt2" else registry.get("LOKR").config_cls(
         r=4, alpha=8, init_weights=(init == "identity")),
+    "OFT": lambda kind, init: None if kind == "gpt2" else registry.get("OFT").config_cls(  # GPT-2: Conv1D, as LoHa
+        oft_block_size=8, init_weights=(init == "identity")),
+    "VERA": lambda kind, init: registry.get("VERA").config_cls(r=16, init_weights=(init == "identity")),
+    "ADALORA": lambda kind, init: registry.get("ADALORA").config_cls(init_r=4, target_r=2, total_step=10, lora_alpha=8 if init == "identity" else 0.5, init_lora_weights=(init == "identity")),  # N(0, 1) factors when random: a small alpha keeps ΔW near the weights
     # Input methods: no identity at init (the prompt always changes the input).
     "PROMPT_TUNING": lambda kind, init: peftkit.PromptTuningConfig(num_virtual_tokens=4),
     "P_TUNING": lambda kind, init: peftkit.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16),

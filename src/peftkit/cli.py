@@ -151,9 +151,14 @@ def _takes(text: str, option: str) -> str:
 
 
 def _help(text: str, field: str) -> str:
-    """A flag's help with its default taken from ``TrainOptions``."""
+    """A flag's help with its default taken from ``TrainOptions``, and the methods' own defaults
+    for it (the registry's ``CliMethod.defaults``)."""
     default = FIELDS[field].default
-    return f"{text}  [default: {default}]" if default is not None else text
+    if default is None:
+        return text
+    own = "".join(f"; {m} {d[field]:g}" if isinstance(d[field], float) else f"; {m} {d[field]}"
+                  for m, d in METHOD_DEFAULTS.items() if field in d)
+    return f"{text}  [default: {default:g}{own}]" if isinstance(default, float) else f"{text}  [default: {default}{own}]"
 
 
 @cli.command()
@@ -176,8 +181,7 @@ def _help(text: str, field: str) -> str:
 @click.option("--epochs", type=int, help=_help("Passes over the training data.", "epochs"))
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help=_help("Examples per step (and per eval batch).", "batch_size"))
-@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW; warmup, then --scheduler).", "lr")[:-1]
-              + "".join(f"; {m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items()) + "]")
+@click.option("--lr", type=float, help=_help("Peak learning rate (AdamW; warmup, then --scheduler).", "lr"))
 @click.option("--warmup-ratio", type=float, help=_help("Fraction of the steps spent warming up.", "warmup_ratio"))
 @click.option("--weight-decay", type=float, help=_help("AdamW weight decay on adapter matrices.", "weight_decay"))
 @click.option("--max-length", type=int, help=_help("Tokens per example; longer texts are truncated.", "max_length"))

@@ -175,7 +175,7 @@ def _freeze_all_but(model: nn.Module, name: str, config: PeftConfig) -> None:
             if pname.endswith("bias") and ".adapters." not in pname and ".copies." not in pname \
                     and ".original_module." not in pname:
                 p.requires_grad_(True)
-    elif bias == "lora_only":
+    elif bias.endswith("_only"):  # HF PEFT's rule: lora_only, oft_only, ... train the adapted layers' biases
         for _, host in hosts(model):
             if isinstance(host, AdapterLayer) and name in host.adapters and host.bias is not None:
                 host.bias.requires_grad_(True)

@@ -30,7 +30,7 @@ from .config import CONFIG_NAME
 from .errors import AdapterFileError, ConfigError, ModelError
 from .inject import adapter_parameters, build, check_adapter_name
 from .layer import FILE_PREFIX as PREFIX
-from .layer import AdapterLayer, Host
+from .layer import AdapterLayer, Host, SavedModule
 from .registry import config_from_dict, method_for
 from .state import check_name, get_state, has_adapters, hosts
 from .targeting import logical_modules
@@ -252,7 +252,7 @@ def optional_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor | No
     for path, host in hosts(model):
         if isinstance(host, AdapterLayer) and name in host.adapters and isinstance(host.base_layer, nn.Embedding):
             out[f"{PREFIX}{path}.base_layer.weight"] = host.base_layer.weight
-        elif name in host.names() and not isinstance(host, AdapterLayer):
+        elif name in host.names() and isinstance(host, SavedModule):
             for key in host.file_tensors(name, path):
                 param = key[len(PREFIX) + len(path) + 1:]
                 out[f"{PREFIX}{path}.modules_to_save.{param}"] = None

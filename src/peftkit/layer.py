@@ -97,17 +97,24 @@ class AdapterLayer(NamedAdapters):
                              "the base layer itself; activate one of them")
 
     def run_order(self, names: Iterable[str]) -> list[str]:
-        """``names`` (those present here) in the order the units run and merge (``Unit``'s rule)."""
+        """``names`` (those present here) in the order the units merge (``Unit``'s rule): a
+        ``runs_first``/``replaces_base`` unit, then the units that adjust the base's input, then
+        the others, each group in the active order."""
         present = [n for n in names if n in self.adapters]
-        return ([n for n in present if self.adapters[n].runs_first or self.adapters[n].replaces_base]
-                + [n for n in present if not (self.adapters[n].runs_first or self.adapters[n].replaces_base)])
+
+        def rank(n: str) -> int:
+            unit = self.adapters[n]
+            return 0 if unit.runs_first or unit.replaces_base else 1 if unit.acts_on_input else 2
+        return sorted(present, key=rank)  # stable: the active order within a group
 
     def _refresh(self) -> None:
         self.check_active(self.active)
         run = () if self.disabled else tuple(
             self.adapters[n] for n in self.run_order(self.active) if n not in self.merged
         )
-        self._pre = tuple(u for u in run if u.acts_on_input)
+        # Merged in this order, input adjustments multiply the weight as W·A1·A2: the input
+        # meets the last merged one first.
+        self._pre = tuple(u for u in reversed(run) if u.acts_on_input)
         self._replace = run[0] if run and run[0].replaces_base else None
         self._post = run[1:] if self._replace is not None else run
 

@@ -169,7 +169,9 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, Host):
             for name in module.names():
-                seen.update(id(p) for p in module.owned(name).parameters())
+                owned = module.owned(name)  # None: the host holds nothing of this adapter's own
+                if owned is not None:
+                    seen.update(id(p) for p in owned.parameters())
     for p in model.parameters():
         if id(p) not in seen:
             other += p.numel() * p.element_size()

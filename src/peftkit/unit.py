@@ -30,7 +30,10 @@ class Unit(nn.Module):
       layer's output itself, ``forward(x, None)``, and the base layer is not called;
 
     at most one active unit of a layer may have either flag (``ModelError`` otherwise). Merging
-    folds the units in the same order, so merged equals unmerged.
+    folds the units in this order: that unit, then the units adjusting the base's input (which
+    therefore scale or rotate W alone, never another unit's update), then the rest, each group in
+    the active order; the input meets the adjustments in the reverse order (W·A1·A2·x), so merged
+    equals unmerged.
     """
 
     acts_on_input: ClassVar[bool] = False
