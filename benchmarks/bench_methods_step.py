@@ -41,7 +41,8 @@ def config(method: str, library: str):
 
         def make(peft_type, **kw):
             cls = {"LORA": peft.LoraConfig, "LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig,
-                   "LN_TUNING": peft.LNTuningConfig}[peft_type]
+                   "LN_TUNING": peft.LNTuningConfig, "VERA": peft.VeraConfig, "OFT": peft.OFTConfig,
+                   "ADALORA": peft.AdaLoraConfig}[peft_type]
             return cls(**kw)
         extra = {"task_type": "SEQ_CLS"}
     if method == "lora":
@@ -52,6 +53,13 @@ def config(method: str, library: str):
         return make("LOKR", r=8, alpha=16, target_modules=ATTENTION, **extra)
     if method == "ln_tuning":
         return make("LN_TUNING", target_modules=["LayerNorm"], **extra)
+    if method == "vera":
+        return make("VERA", r=256, target_modules=ATTENTION, **extra)
+    if method == "oft":
+        return make("OFT", r=8, oft_block_size=0, target_modules=ATTENTION, **extra)
+    if method == "adalora":  # the allocation runs every step (tinit 0, deltaT 1): its cost is in the step
+        return make("ADALORA", init_r=12, target_r=8, lora_alpha=16, total_step=1000, target_modules=ATTENTION,
+                    **extra)
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -80,11 +88,31 @@ def batch(size: int, length: int) -> dict:
 
 
 def stepper(model, inputs):
+    """One training step, with what the method needs from the loop (AdaLoRA's regulariser and
+    allocation: peftkit's registry hooks; HF PEFT's update_and_allocate, its regulariser being in
+    its forward)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    hooks, hf_allocate = None, getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+    if getattr(model, "_peftkit", None) is not None:
+        import peftkit
+
+        hooks = peftkit.registry.method_for(peftkit.state.get_state(model).configs["default"]).training
+        if hooks.begin is not None:
+            hooks.begin(model, "default", 1000)
+    count = [0]
 
     def step():
-        model(**inputs).loss.backward()
+        count[0] += 1
+        loss = model(**inputs).loss
+        if hooks is not None and hooks.loss is not None:
+            extra = hooks.loss(model, "default")
+            loss = loss + extra if extra is not None else loss
+        loss.backward()
         opt.step()
+        if hooks is not None and hooks.step is not None:
+            hooks.step(model, "default", count[0])
+        elif hf_allocate is not None:
+            hf_allocate(count[0])
         opt.zero_grad(set_to_none=True)
     return step
 
@@ -144,7 +172,7 @@ def peak_growth(method: str, library: str, args) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["loha", "lokr", "ln_tuning", "lora"])
+    parser.add_argument("--methods", nargs="+", default=["loha", "lokr", "ln_tuning", "vera", "oft", "adalora", "lora"])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)

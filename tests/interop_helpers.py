@@ -3,6 +3,8 @@ trainable parameters as training would, comparing outputs."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -35,3 +37,16 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None
     if base is not None:
         moved = (want - base).abs().max().item()
         assert moved > 1e-3, f"the adapter does not change the output ({moved:.3g}); the test would prove nothing"
+
+
+def hf_from_pretrained(base: nn.Module, directory) -> nn.Module:
+    """HF PEFT's ``PeftModel.from_pretrained`` of ``directory`` over ``base``, in eval mode; HF
+    must not warn of missing adapter keys or unknown config fields."""
+    import peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(base, directory).eval()
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "missing adapter keys" in m or "Unexpected keyword" in m], messages
+    return model

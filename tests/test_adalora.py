@@ -36,7 +36,7 @@ from peftkit.methods.adalora import AdaLoraConfig
 
 from cli_helpers import invoke, save_tiny_bert, write_topic_files
 from conftest import model_inputs, tiny_bert, tiny_gpt2, tiny_llama
-from interop_helpers import assert_same, perturb_trainable, run
+from interop_helpers import assert_same, hf_from_pretrained, perturb_trainable, run
 
 peft = pytest.importorskip("peft")
 
@@ -59,10 +59,7 @@ def hf_model(kind: str, **kwargs):
 
 
 def hf_load(kind: str, directory):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = peft.PeftModel.from_pretrained(BUILD[kind](), directory).eval()
-    assert not [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    model = hf_from_pretrained(BUILD[kind](), directory)
     return model
 
 

@@ -77,6 +77,7 @@ from ..layer import AdapterLayer, DeltaUnit
 from ..registry import CliMethod, Method, TrainingHooks, register
 from ..state import get_state, hosts
 from ..targeting import find_targets, is_conv1d
+from .lora import LoraConfig
 
 SUPPORTED = "Linear, Conv1D"
 E_SUFFIX = ".lora_E"  # rank_pattern keys: "<module path>.lora_E", as HF PEFT writes them
@@ -104,30 +105,11 @@ class AdaLoraConfig(TargetedConfig):
     peft_type: ClassVar[str] = "ADALORA"
     # HF PEFT's AdaLoraConfig is a LoraConfig: the LoRA features its AdaLoRA does not implement
     # (or refuses, like DoRA and LoftQ) are accepted only at their "off" value.
-    unsupported_defaults: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
-        "velora_config": None,
-        "monteclora_config": None,
-        "arrow_config": None,
-        "kasa_config": None,
-        "megatron_config": None,
-        "trainable_token_indices": None,
-        "alora_invocation_tokens": None,
-        "use_qalora": False,
-        "use_bdlora": None,
-        "layer_replication": None,
-        "lora_bias": False,
-        "target_parameters": None,
-        "ensure_weight_tying": False,
-    }
+    unsupported_defaults: ClassVar[dict[str, Any]] = {"use_dora": False, **LoraConfig.unsupported_defaults}
     # LoraConfig fields HF PEFT's AdaLoRA reads but never uses (its layers take init_r and
     # lora_alpha: no r, no rsLoRA scaling, no alpha_pattern), and its runtime-only fields.
     ignored_fields: ClassVar[frozenset[str]] = frozenset(
-        {"r", "use_rslora", "alpha_pattern", "megatron_core", "qalora_group_size", "runtime_config"}
+        {"r", "use_rslora", "alpha_pattern"} | LoraConfig.ignored_fields
     )
 
     target_r: int = 8
