@@ -299,12 +299,24 @@ def test_kronecker_identity_forward_equals_the_materialised_delta(n_in, n_out, k
         assert delta.shape == host.base_layer.weight.shape
         torch.testing.assert_close(delta, _raw_lokr_delta(unit), rtol=0, atol=1e-12)
         want = host.base_layer(x) + F.linear(x, delta)
-        # The forward builds neither ΔW nor any Kronecker product.
+        through_delta = host(x) if not unit.kronecker_pays(15) else None  # the form small layers take
+        # The identity's forward builds neither ΔW nor any Kronecker product.
+        monkeypatch.setattr(type(unit), "kronecker_pays", lambda self, rows: True)
         monkeypatch.setattr(unit, "delta_weight", lambda: pytest.fail("the Linear forward built ΔW"))
         monkeypatch.setattr(torch, "kron", lambda *a: pytest.fail("the Linear forward called torch.kron"))
         got = host(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if through_delta is not None:
+        torch.testing.assert_close(through_delta, want, rtol=0, atol=1e-12)
     assert (got - host.base_layer(x)).abs().max() > 1e-3
+
+
+def test_the_forward_takes_the_form_that_keeps_less_for_backward() -> None:
+    layer = peftkit.apply(TwoLinear(384, 384), LoKrConfig(target_modules=["fc"])).fc.adapters["default"]
+    assert not layer.kronecker_pays(2048)  # MiniLM-sized layer, a long batch: ΔW (147k) is smaller
+    big = peftkit.apply(TwoLinear(4096, 4096), LoKrConfig(target_modules=["fc"])).fc.adapters["default"]
+    assert big.kronecker_pays(512)  # 4096 x 4096, 512 rows: the identity keeps 6.3M numbers, ΔW 16.8M
+    assert not big.kronecker_pays(4096)
 
 
 def test_bfloat16_base_gets_float32_factors_like_hf(tmp_path) -> None:

@@ -24,9 +24,11 @@ Init (``init_weights``): True, HF's default: W1 (or W1_a) zero, everything else 
 so the adapted model equals the base; ``"lycoris"``: W2 (or W2_b) zero instead (LyCORIS' way);
 False: every factor Kaiming-uniform (non-zero; for tests).
 
-Forward. Linear: never materialises ΔW: with x viewed as X (…, c, d) (row-major), the Kronecker
-identity ``(W1 ⊗ W2) x = vec(W1 X W2ᵀ)`` needs two small matmuls (each low-rank factor as its
-two thin ones). Conv1d / Conv2d: ΔW is built (it has the base kernel's size) and convolved with
+Forward. Linear: with x viewed as X (…, c, d) (row-major), the Kronecker identity
+``(W1 ⊗ W2) x = vec(W1 X W2ᵀ)`` needs two small matmuls (each low-rank factor as its two thin
+ones) and never builds ΔW; but its intermediate products, kept for the backward pass, grow with
+the rows of the batch, so a layer whose ΔW is smaller than them (MiniLM's 384 × 384 at 2,048
+rows) goes through ΔW instead (``LoKrLinear.kronecker_pays``: the cheaper in memory). Conv1d / Conv2d: ΔW is built (it has the base kernel's size) and convolved with
 the base's stride, padding (and padding mode), dilation and groups.
 
 Training mode only, as HF PEFT defines them: ``module_dropout`` skips the whole update with that
@@ -245,7 +247,8 @@ class LoKrUnit(DeltaUnit):
 
 
 class LoKrLinear(LoKrUnit):
-    """For ``nn.Linear``: the update through the Kronecker identity, ΔW never built."""
+    """For ``nn.Linear``: the update through the Kronecker identity (ΔW never built) when that
+    keeps less for the backward pass than ΔW would (``kronecker_pays``), else through ΔW."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, config: LoKrConfig, factory: dict) -> None:
         super().__init__(base.out_features, base.in_features, (), r, alpha, config, factory)
@@ -270,10 +273,22 @@ class LoKrLinear(LoKrUnit):
             h = (h @ self.lokr_w1_b.t()) @ self.lokr_w1_a.t()
         return h.transpose(1, 2).reshape(h.shape[0], a * b) * self.scaling  # (N, a, b) -> (N, out)
 
+    def kronecker_pays(self, rows: int) -> bool:
+        """The identity's intermediate products, kept for the backward pass, hold about
+        rows × (2·c·b + a·b) numbers; ΔW holds out × in. On small layers and long batches
+        (MiniLM's 384 × 384 at 2,048 rows) ΔW is the smaller, on large layers the identity."""
+        (c, _), (a, b) = self.in_split, self.out_split
+        return rows * (2 * c * b + a * b) <= self.out_split[0] * self.out_split[1] * self.in_split[0] * self.in_split[1]
+
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.skipped():
             return out
-        y = self.update(x)
+        rows = x.numel() // x.shape[-1]
+        if self.kronecker_pays(rows):
+            y = self.update(x)
+        else:
+            delta = self.delta_weight()  # (out, in), scaling included
+            y = F.linear(x.to(delta.dtype).reshape(rows, -1), delta)
         mask = self.rank_mask(y)
         if mask is not None:
             y = y * mask
