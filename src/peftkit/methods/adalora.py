@@ -224,7 +224,7 @@ class AdaLoraLinear(DeltaUnit):
         if h.dtype != self.lora_A.dtype:
             h = h.to(self.lora_A.dtype)
         delta = (h @ (self.lora_A * self.lora_E).t() @ self.lora_B.t()) * self.scaling / self.divisor
-        return out + delta.to(out.dtype)
+        return out.add_(delta.to(out.dtype))  # in place, as HF PEFT: no second (N, out) tensor
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling / self.divisor  # (out, in)
