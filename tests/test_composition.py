@@ -72,10 +72,10 @@ def test_the_merge_probe_leaves_each_layer_s_output_as_it_is():
 
     model = tiny_llama().to(torch.bfloat16)
     peftkit.apply(model, peftkit.LoraConfig(init_lora_weights=False))
-    seen = []
-    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    seen = []  # what the layer after the probed q/v projections receives while the probe runs
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
     report = peftkit.merge(model)  # the default probe runs before and after merging
-    assert seen and set(seen) == {torch.bfloat16}
+    assert len(seen) == 2 and set(seen) == {torch.bfloat16}
     assert report.output.max_abs < 0.1  # bfloat16 rounding of the merged weights, nothing more
     with torch.no_grad():
         assert model(**model_inputs("llama")).logits.dtype == torch.bfloat16
