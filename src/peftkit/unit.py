@@ -128,3 +128,11 @@ class Host(nn.Module):
     def inner(self) -> nn.Module | None:
         """The module whose children continue the model's tree below the host (None: no descent)."""
         return None
+
+
+def adapter_factory(base: nn.Module, weight: torch.Tensor | None = None) -> dict:
+    """``device``/``dtype`` keyword arguments for a unit's new tensors: on the base layer's device,
+    in its dtype when that is float32/float64, else in float32 (half-precision and 4-bit bases)."""
+    weight = base.weight if weight is None else weight
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return {"device": weight.device, "dtype": dtype}

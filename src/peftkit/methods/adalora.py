@@ -74,6 +74,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_positive_int
 from ..errors import ConfigError, ModelError
 from ..layer import AdapterLayer, DeltaUnit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, TrainingHooks, register
 from ..state import get_state, hosts
 from ..targeting import find_targets, is_conv1d
@@ -246,12 +247,6 @@ class AdaLoraLinear(DeltaUnit):
         return f"r={self.r} of init_r={self.init_r}, scaling={self.scaling:g}/{self.divisor:g}"
 
 
-def _adapter_factory(base: nn.Module) -> dict:
-    """Adapters live on the base's device; half-precision bases get float32 adapters."""
-    weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
 
 def make_unit(config: AdaLoraConfig, module: nn.Module, path: str) -> AdaLoraLinear:
     if isinstance(module, nn.Linear):  # in/out features, not weight.shape: a 4-bit weight is packed
@@ -268,7 +263,7 @@ def make_unit(config: AdaLoraConfig, module: nn.Module, path: str) -> AdaLoraLin
                               f"found {len(mask)}")
         slots = [i for i, kept in enumerate(mask) if kept]
     return AdaLoraLinear(n_in, n_out, transposed, config.init_r, slots, config.lora_alpha, config.lora_dropout,
-                         config.init_lora_weights, _adapter_factory(module))
+                         config.init_lora_weights, adapter_factory(module))
 
 
 # Defaults when target_modules is None, per transformers model_type: LoRA's (the attention query

@@ -36,6 +36,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_number, check_positive_int
 from ..errors import ConfigError
 from ..layer import Unit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d
 
@@ -189,9 +190,7 @@ def make_unit(config: AdapterConfig, module: nn.Module, path: str) -> Bottleneck
     else:
         dim, mode, residual_arg = _out_features(module, path), "serial", None
     size = config.bottleneck_size or max(1, dim // config.reduction_factor)
-    weight = next(module.parameters())
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return BottleneckUnit(dim, size, mode, residual_arg, config, {"device": weight.device, "dtype": dtype})
+    return BottleneckUnit(dim, size, mode, residual_arg, config, adapter_factory(module, next(module.parameters())))
 
 
 register(Method(

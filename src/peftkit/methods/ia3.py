@@ -25,6 +25,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_names, normalize_names
 from ..errors import ConfigError, ModelError
 from ..layer import Unit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, matches
 
@@ -115,8 +116,7 @@ def make_unit(config: IA3Config, module: nn.Module, path: str) -> IA3Unit:
     if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         raise ConfigError(f"(IA)³ cannot adapt {path!r} of type {type(module).__name__}; supported: Linear, Conv1D")
     weight = module.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    factory = {"device": weight.device, "dtype": dtype}
+    factory = adapter_factory(module)
     if isinstance(module, nn.Linear):
         n_in, n_out, transposed = module.in_features, module.out_features, False
     else:  # Conv1D

@@ -54,6 +54,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError
 from ..layer import DeltaUnit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
 
@@ -249,12 +250,6 @@ class LoHaConv(LoHaUnit):
         return out + (y if y.dtype == out.dtype else y.to(out.dtype))
 
 
-def _adapter_factory(base: nn.Module) -> dict:
-    """Adapters live on the base's device; half-precision (and 4-bit) bases get float32 adapters."""
-    weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
 
 def make_unit(config: LoHaConfig, module: nn.Module, path: str) -> LoHaUnit:
     if is_conv1d(module):
@@ -268,7 +263,7 @@ def make_unit(config: LoHaConfig, module: nn.Module, path: str) -> LoHaUnit:
     common = dict(r=pattern_value(config.rank_pattern, path, config.r),
                   alpha=pattern_value(config.alpha_pattern, path, config.alpha),
                   rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
-                  init=config.init_weights, factory=_adapter_factory(module))
+                  init=config.init_weights, factory=adapter_factory(module))
     if isinstance(module, nn.Linear):  # in/out features, not weight.shape: a 4-bit weight is packed
         return LoHaLinear((module.out_features, module.in_features), effective=False, **common)
     # HF PEFT: the CP form only where the kernel is larger than 1 (a 1x1 kernel is a matrix).

@@ -58,6 +58,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError
 from ..layer import DeltaUnit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
 
@@ -320,12 +321,6 @@ class LoKrConv(LoKrUnit):
         return out + y.to(out.dtype)
 
 
-def _adapter_factory(base: nn.Module) -> dict:
-    """Adapters live on the base's device; half-precision (or packed 4-bit) bases get float32 factors."""
-    weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
 
 def make_unit(config: LoKrConfig, module: nn.Module, path: str) -> LoKrUnit:
     if is_conv1d(module):
@@ -337,7 +332,7 @@ def make_unit(config: LoKrConfig, module: nn.Module, path: str) -> LoKrUnit:
         raise ConfigError(f"LoKr cannot adapt {path!r} of type {type(module).__name__}; supported: {SUPPORTED}")
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.alpha)
-    factory = _adapter_factory(module)
+    factory = adapter_factory(module)
     if isinstance(module, nn.Linear):
         return LoKrLinear(module, r, alpha, config, factory)
     return LoKrConv(module, r, alpha, config, factory)

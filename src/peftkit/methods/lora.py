@@ -28,6 +28,7 @@ from .. import architectures, quant
 from ..config import TargetedConfig, check_bool, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError
 from ..layer import DeltaUnit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
 
@@ -275,12 +276,6 @@ class DoraLinear(LoraLinear):
         return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
 
 
-def _adapter_factory(base: nn.Module) -> dict:
-    """Adapters live on the base's device; half-precision bases get float32 adapters."""
-    weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
 
 def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
     if not (isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_conv1d(module)):
@@ -291,7 +286,7 @@ def make_unit(config: LoraConfig, module: nn.Module, path: str) -> LoraUnit:
     r = pattern_value(config.rank_pattern, path, config.r)
     alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
     common = dict(r=r, alpha=alpha, dropout=config.lora_dropout, rslora=config.use_rslora,
-                  init=config.init_lora_weights, factory=_adapter_factory(module))
+                  init=config.init_lora_weights, factory=adapter_factory(module))
     if config.use_dora:
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise ConfigError(f"DoRA cannot adapt {path!r} of type {type(module).__name__}; supported: Linear, Conv1D")

@@ -82,6 +82,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_positive_int
 from ..errors import ConfigError
 from ..layer import Unit
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d
 
@@ -359,12 +360,6 @@ class OFTEmbedding(OFTUnit):
         return self.rotate(weight.to(blocks.dtype), blocks)
 
 
-def _adapter_factory(base: nn.Module) -> dict:
-    """Vectors live on the base's device; half-precision (and 4-bit) bases get float32 ones."""
-    weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
 
 def _block_size(config: OFTConfig, dim: int, path: str, what: str) -> int:
     """The layer's block size from r or oft_block_size, which must divide ``dim``."""
@@ -390,7 +385,7 @@ def make_unit(config: OFTConfig, module: nn.Module, path: str) -> OFTUnit:
             "Target other layers, or use LoRA on this model")
     if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
         raise ConfigError(f"OFT cannot adapt {path!r} of type {kind}; supported: {SUPPORTED}")
-    factory = _adapter_factory(module)
+    factory = adapter_factory(module)
     if isinstance(module, nn.Linear):  # in_features, not weight.shape: a 4-bit weight is packed
         dim = module.in_features
         return OFTLinear(dim, _block_size(config, dim, path, f"Linear, in_features {dim}"), config, factory)

@@ -60,6 +60,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_positive_int
 from ..errors import ConfigError, ModelError, PeftkitWarning
 from ..layer import DeltaUnit, Host
+from ..unit import adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d
 
@@ -240,12 +241,6 @@ class VeraLinear(DeltaUnit):
         return f"r={self.r}, in={self.n_in}, out={self.n_out}"
 
 
-def _adapter_factory(base: nn.Module) -> dict:
-    """Adapters live on the base's device; half-precision (and 4-bit) bases get float32 adapters."""
-    weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
 
 def _shape(module: nn.Module, path: str) -> tuple[int, int, bool]:
     """(in, out, transposed) of a layer VeRA can adapt; ``ConfigError`` for any other."""
@@ -299,7 +294,7 @@ def build_units(model: nn.Module, config: VeraConfig, name: str,
         if hasattr(model, ATTR):
             raise ConfigError(f"VeRA keeps its shared projections at {type(model).__name__}.{ATTR}, an attribute "
                               "the model has already")
-        factory = _adapter_factory(targets[0][1])
+        factory = adapter_factory(targets[0][1])
         vera_a, vera_b = make_projections(config.r, n_in, n_out, config.projection_prng_key)
         shared = VeraProjections(vera_a.to(**factory), vera_b.to(**factory), config.projection_prng_key,
                                  config.save_projection)
@@ -308,7 +303,7 @@ def build_units(model: nn.Module, config: VeraConfig, name: str,
     # The layout is the layer's (HF PEFT sets the field so too; with mixed types, the last target's).
     config.fan_in_fan_out = shapes[-1][2]
     return [VeraLinear(shared, n_in_, n_out_, transposed, config.r, config.vera_dropout, config.init_weights,
-                       config.d_initial, _adapter_factory(module))
+                       config.d_initial, adapter_factory(module))
             for (n_in_, n_out_, transposed), (_, module) in zip(shapes, targets)]
 
 
