@@ -1,11 +1,12 @@
-"""HF PEFT's per-call arguments (``adapter_names``, ``alora_offsets``) are refused, never ignored;
-adapter names cannot escape a directory."""
+"""HF PEFT's per-call arguments that peftkit does not implement (``alora_offsets``) are refused,
+never ignored (``adapter_names`` is served: test_serving.py); adapter names cannot escape a directory."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import torch
 
 import peftkit
 from conftest import model_inputs, tiny_bert, tiny_gpt2
@@ -19,7 +20,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize("arg, value", [("adapter_names", ["default", "default"]), ("alora_offsets", [1, 1])])
+@pytest.mark.parametrize("arg, value", [("alora_offsets", [1, 1])])
 def test_forward_with_a_per_call_argument_is_an_error_naming_it(method, arg, value) -> None:
     model = peftkit.apply(tiny_bert(), CONFIGS[method]())
     inputs = model_inputs("bert")
@@ -28,7 +29,7 @@ def test_forward_with_a_per_call_argument_is_an_error_naming_it(method, arg, val
     model(**inputs)  # without it the model runs
 
 
-@pytest.mark.parametrize("arg", ["adapter_names", "alora_offsets"])
+@pytest.mark.parametrize("arg", ["alora_offsets"])
 def test_generate_with_a_per_call_argument_is_an_error_naming_it(arg) -> None:
     model = peftkit.apply(tiny_gpt2(), peftkit.LoraConfig(init_lora_weights=False))
     inputs = model_inputs("gpt2")
@@ -43,10 +44,13 @@ def test_the_guard_follows_a_deep_copy_and_goes_with_unload() -> None:
     twin = copy.deepcopy(model)
     assert twin.generate.__self__ is twin  # bound to the copy, not to the original
     inputs = model_inputs("gpt2")
-    with pytest.raises(peftkit.ConfigError, match="adapter_names"):
-        twin(**inputs, adapter_names=["default"] * 2)
+    with pytest.raises(peftkit.ConfigError, match="alora_offsets"):
+        twin(**inputs, alora_offsets=[1, 1])
+    with torch.no_grad():  # the copy serves mixed batches with its own adapters
+        torch.testing.assert_close(twin(**inputs, adapter_names=["default", "__base__"]).logits[0],
+                                   twin(**inputs).logits[0])
     peftkit.unload(model)
-    assert "generate" not in model.__dict__ and not model._forward_pre_hooks
+    assert "generate" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
     assert type(model).generate is not None and model.generate.__func__ is type(model).generate
 
 

@@ -10,6 +10,7 @@ from .adapters import TrainableSummary, active_adapters, adapted_modules, delete
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, DataError, ModelError, PeftkitError, PeftkitWarning
 from .inject import apply, infer_task_type, unload
+from .swap import hotswap, prepare_hotswap
 from .io import load, read_config, save
 from .merge_report import MergeReport
 from .methods.bottleneck import AdapterConfig
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AdapterFileError", "ConfigError", "MergeReport", "IA3Config", "DataError", "LoraConfig", "Method", "ModelError", "PeftConfig",
     "PeftkitError", "PeftkitWarning", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "PTuningConfig",
-    "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "infer_task_type",
-    "load", "merge", "prepare_for_kbit_training", "quantize", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
+    "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "hotswap", "infer_task_type",
+    "load", "merge", "prepare_for_kbit_training", "prepare_hotswap", "quantize", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]
 __all__ += sorted({m.config_cls.__name__ for m in _registry.all_methods()} - set(__all__))

@@ -71,6 +71,7 @@ class AdapterLayer(NamedAdapters):
         self.training = base_layer.training
         self.merged: list[str] = []
         self.backend: merging.Dense | merging.FourBit | None = None  # while merged
+        self._mix = None  # set for one call of a mixed-adapter batch (serving)
         self._refresh()
 
     def file_tensors(self, name: str, path: str) -> dict[str, torch.Tensor]:
@@ -160,6 +161,8 @@ class AdapterLayer(NamedAdapters):
 
     # -- the hot path -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._mix is not None:  # a mixed-adapter batch: each row its own adapter (serving)
+            return self._mix.run(self, x, args, kwargs)
         if self._replace is not None:
             if args or kwargs:  # a replacing unit computes from the input alone (norm layers take nothing else)
                 raise ModelError(f"{type(self._replace).__name__} replaces {type(self.base_layer).__name__}, "
@@ -203,6 +206,7 @@ class SavedModule(Host):
         self.copies = nn.ModuleDict()
         self.use: str | None = None
         self.disabled = False
+        self._mix = None  # set for one call of a mixed-adapter batch (serving)
 
     def add(self, name: str) -> nn.Module:
         replica = copy.deepcopy(self.original_module)
@@ -241,6 +245,8 @@ class SavedModule(Host):
         return self.copies[self.use]
 
     def forward(self, *args, **kwargs):
+        if self._mix is not None:
+            return self._mix.run(args, kwargs)
         return self.current()(*args, **kwargs)
 
 

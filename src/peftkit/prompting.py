@@ -193,6 +193,7 @@ class PromptHost(NamedAdapters):
         self.token_labels = task_type == "CAUSAL_LM"  # labels (B, T) get -100 for the virtual tokens
         self._handles: list[Any] = []
         self._drop_cache = False  # set when this call's cache was made here although use_cache=False
+        self._mix = None  # a mixed-adapter call's per-row prompts (serving.PromptMix)
         self._refresh()
 
     def install(self, model: nn.Module) -> None:
@@ -216,7 +217,8 @@ class PromptHost(NamedAdapters):
 
     # -- the hook ---------------------------------------------------------------------------
     def _pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self._embeds and not self._prefixes:
+        mix = self._mix
+        if (not self._embeds and not self._prefixes) if mix is None else mix.adapters is None:
             return None
         kwargs = dict(kwargs)
         if args:
@@ -249,8 +251,12 @@ class PromptHost(NamedAdapters):
             raise ModelError("input methods need input_ids or inputs_embeds")
         batch, length = ref.shape[0], ref.shape[1]
         device = ref.device
-        n_embed = sum(a.num_virtual_tokens for a in self._embeds)
-        n_prefix = sum(a.num_virtual_tokens for a in self._prefixes)
+        mix = self._mix  # a mixed-adapter batch: one adapter per row, each (B, P, ·)
+        if mix is None:
+            n_embed = sum(a.num_virtual_tokens for a in self._embeds)
+            n_prefix = sum(a.num_virtual_tokens for a in self._prefixes)
+        else:
+            n_embed, n_prefix = (mix.tokens, 0) if mix.kind == "embeddings" else (0, mix.tokens)
         total = n_embed + n_prefix
         cache = kw.get(shape.cache_arg) if shape.cache_arg else None
         past = cache_length(cache)
@@ -284,8 +290,11 @@ class PromptHost(NamedAdapters):
         if n_embed:
             if embeds is None:
                 embeds = model.get_input_embeddings()(ids)  # (B, T, D)
-            prompts = torch.cat([a.prompt() for a in self._embeds]).to(embeds.dtype)  # (P_e, D)
-            kw["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)  # (B, P_e+T, D)
+            if mix is None:
+                prompts = torch.cat([a.prompt() for a in self._embeds]).unsqueeze(0).expand(batch, -1, -1)
+            else:
+                prompts = mix.prompts()
+            kw["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)  # (B, P_e+T, D)
             kw["input_ids"] = None
             if kw.get("token_type_ids") is not None:
                 tt = kw["token_type_ids"]
@@ -309,7 +318,11 @@ class PromptHost(NamedAdapters):
     def _fill_cache(self, model: nn.Module, cache: Any, batch: int, dtype: torch.dtype, device: torch.device) -> Any:
         """Put the active prefixes into ``cache`` (a new DynamicCache when None), layer by layer."""
         shape = self.shape
-        flat = torch.cat([a.prompt() for a in self._prefixes]).to(device=device, dtype=dtype)  # (P, L·2·kv_dim)
+        if self._mix is None:
+            flat = torch.cat([a.prompt() for a in self._prefixes])  # (P, L·2·kv_dim)
+        else:
+            flat = self._mix.prompts()  # (B, P, L·2·kv_dim): each row its own
+        flat = flat.to(device=device, dtype=dtype)
         pairs = prefix_key_values(flat, shape.num_layers, shape.kv_heads, shape.head_dim, batch)
         if cache is None:
             from transformers import DynamicCache
@@ -323,10 +336,14 @@ class PromptHost(NamedAdapters):
 def prefix_key_values(flat: torch.Tensor, num_layers: int, heads: int, head_dim: int, batch: int
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """HF PEFT's layout of ``prompt_embeddings`` for prefix tuning, (P, L·2·H·d), into per-layer
-    (key, value) pairs, each (B, H, P, d): column block 2l is layer l's key, 2l+1 its value."""
-    tokens = flat.shape[0]
-    kv = flat.view(tokens, num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)  # (L·2, H, P, d)
-    kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (L·2, B, H, P, d)
+    (key, value) pairs, each (B, H, P, d): column block 2l is layer l's key, 2l+1 its value.
+    ``flat`` may also be (B, P, L·2·H·d), one prefix per row (a mixed-adapter batch)."""
+    if flat.dim() == 3:
+        kv = flat.view(batch, flat.shape[1], num_layers * 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    else:
+        tokens = flat.shape[0]
+        kv = flat.view(tokens, num_layers * 2, heads, head_dim).permute(1, 2, 0, 3)  # (L·2, H, P, d)
+        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (L·2, B, H, P, d)
     return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers)]
 
 

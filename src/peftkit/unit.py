@@ -6,6 +6,7 @@ import circle.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
 import torch
@@ -61,6 +62,35 @@ class Unit(nn.Module):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The unit's tensors keyed by their suffix in HF PEFT's file (``lora_A.weight``)."""
         return {}
+
+    def mix_terms(self) -> "MixTerms | None":
+        """What this unit does to one row of a mixed-adapter batch (``serving``), as terms every
+        mixable method shares; None: the unit cannot serve rows of a mixed batch."""
+        return None
+
+    def mix_sources(self) -> list[torch.Tensor]:
+        """The tensors ``mix_terms`` reads (default: the unit's own parameters and buffers, not
+        its children's): a batch's stacked terms are rebuilt when one of them changes."""
+        return [*self._parameters.values(), *self._buffers.values()]
+
+
+@dataclass
+class MixTerms:
+    """A unit's effect on a row, in eval mode, as ``serving`` batches it across adapters:
+    ``out = (base(x ⊙ in_scale) + low-rank(x)) ⊙ out_scale + out_shift``, each term optional.
+
+    ``kind`` is the layer kind the low-rank pair is for: ``"linear"`` (A (r, in), B (out, r)),
+    ``"embedding"`` (A (r, num_embeddings), B (dim, r)) or ``"conv2d"`` (A a (r, in, kh, kw)
+    filter applied with ``conv`` = (stride, padding, dilation), B (out, r)); B carries the
+    scaling. Tensors are detached values, not parameters."""
+
+    kind: str = "linear"
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    in_scale: torch.Tensor | None = None  # (in,)
+    out_scale: torch.Tensor | None = None  # (out,)
+    out_shift: torch.Tensor | None = None  # (out,)
+    conv: tuple | None = None
 
 
 class DeltaUnit(Unit):

@@ -74,7 +74,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_positive_int
 from ..errors import ConfigError, ModelError
 from ..layer import AdapterLayer, DeltaUnit
-from ..unit import adapter_factory
+from ..unit import MixTerms, adapter_factory
 from ..registry import CliMethod, Method, TrainingHooks, register
 from ..state import get_state, hosts
 from ..targeting import find_targets, is_conv1d
@@ -230,6 +230,10 @@ class AdaLoraLinear(DeltaUnit):
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling / self.divisor  # (out, in)
         return delta.t() if self.transposed else delta
+
+    def mix_terms(self) -> MixTerms:
+        return MixTerms("linear", a=(self.lora_A * self.lora_E).detach(),
+                        b=(self.lora_B * (self.scaling / self.divisor)).detach())
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         if self.keep is None:

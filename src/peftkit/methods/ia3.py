@@ -25,7 +25,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_names, normalize_names
 from ..errors import ConfigError, ModelError
 from ..layer import Unit
-from ..unit import adapter_factory
+from ..unit import MixTerms, adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, matches
 
@@ -109,6 +109,10 @@ class IA3Unit(Unit):
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {"ia3_l": self.ia3_l}
+
+    def mix_terms(self) -> MixTerms:
+        l = self.ia3_l.detach().view(-1)
+        return MixTerms(in_scale=l) if self.on_input else MixTerms(out_scale=l)
 
 
 def make_unit(config: IA3Config, module: nn.Module, path: str) -> IA3Unit:

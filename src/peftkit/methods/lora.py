@@ -28,7 +28,7 @@ from .. import architectures, quant
 from ..config import TargetedConfig, check_bool, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError
 from ..layer import DeltaUnit
-from ..unit import adapter_factory
+from ..unit import MixTerms, adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
 
@@ -101,14 +101,22 @@ class LoraUnit(DeltaUnit):
     def __init__(self, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         super().__init__()
         self.r = r
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        # A float, or a 0-d tensor once ``swap.prepare_hotswap`` made it swappable in place.
+        self.scaling: float | torch.Tensor = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # None: no call, no copy
 
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.dropout is None else self.dropout(x)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}"
+        return f"r={self.r}, scaling={float(self.scaling):g}"
+
+    def ranked(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as the file holds them: their first ``r`` ranks (``swap.prepare_hotswap``
+        pads them beyond ``r`` with zeros, which the file does not carry)."""
+        if a.shape[0] == self.r:
+            return a, b
+        return a[: self.r], b[:, : self.r]
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
@@ -142,6 +150,8 @@ class LoraLinear(LoraUnit):
         h = h.reshape(-1, h.shape[-1]) @ self.lora_A.t()  # (N, r)
         out2d = out.reshape(-1, out.shape[-1])  # (N, out)
         if out2d.dtype == h.dtype:
+            if isinstance(self.scaling, torch.Tensor):  # swappable in place (hotswap): scale the small (N, r) factor
+                return torch.addmm(out2d, h * self.scaling, self.lora_B.t()).view(out.shape)
             return torch.addmm(out2d, h, self.lora_B.t(), alpha=self.scaling).view(out.shape)
         return (out2d + (h @ self.lora_B.t() * self.scaling).to(out.dtype)).view(out.shape)
 
@@ -150,7 +160,11 @@ class LoraLinear(LoraUnit):
         return delta.t() if self.transposed else delta
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        a, b = self.ranked(self.lora_A, self.lora_B)
+        return {"lora_A.weight": a, "lora_B.weight": b}
+
+    def mix_terms(self) -> MixTerms:
+        return MixTerms("linear", a=self.lora_A.detach(), b=(self.lora_B * self.scaling).detach())
 
 
 class LoraConv2d(LoraUnit):
@@ -174,8 +188,13 @@ class LoraConv2d(LoraUnit):
     def delta_weight(self) -> torch.Tensor:
         return torch.einsum("or,rikl->oikl", self.lora_B[:, :, 0, 0], self.lora_A) * self.scaling
 
+    def mix_terms(self) -> MixTerms:
+        return MixTerms("conv2d", a=self.lora_A.detach(), b=(self.lora_B[:, :, 0, 0] * self.scaling).detach(),
+                        conv=(self.stride, self.padding, self.dilation))
+
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        a, b = self.ranked(self.lora_A, self.lora_B)
+        return {"lora_A.weight": a, "lora_B.weight": b}
 
 
 class LoraEmbedding(LoraUnit):
@@ -207,8 +226,14 @@ class LoraEmbedding(LoraUnit):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling  # (num, dim)
 
+    def mix_terms(self) -> MixTerms | None:
+        if self.max_norm is not None:  # renormalises looked-up rows in place: not batched
+            return None
+        return MixTerms("embedding", a=self.lora_embedding_A.detach(), b=(self.lora_embedding_B * self.scaling).detach())
+
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_embedding_A": self.lora_embedding_A, "lora_embedding_B": self.lora_embedding_B}
+        a, b = self.ranked(self.lora_embedding_A, self.lora_embedding_B)
+        return {"lora_embedding_A": a, "lora_embedding_B": b}
 
 
 # -- DoRA -----------------------------------------------------------------------------------
@@ -274,6 +299,18 @@ class DoraLinear(LoraLinear):
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+    def mix_terms(self) -> MixTerms:
+        """In eval mode DoRA's output is ``sc ⊙ (out + s·BAx) + (1 − sc) ⊙ bias``, sc = m / ‖W + s·BA‖."""
+        with torch.no_grad():
+            scale = self.lora_magnitude_vector / self._norm(self._base_weight())
+            bias = self._base.bias
+            shift = None if bias is None else (1 - scale) * bias.to(scale.dtype)
+        return MixTerms("linear", a=self.lora_A.detach(), b=(self.lora_B * self.scaling).detach(),
+                        out_scale=scale, out_shift=shift)
+
+    def mix_sources(self) -> list[torch.Tensor]:
+        return [*super().mix_sources(), self._base.weight]
 
 
 

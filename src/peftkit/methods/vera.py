@@ -60,7 +60,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_positive_int
 from ..errors import ConfigError, ModelError, PeftkitWarning
 from ..layer import DeltaUnit, Host
-from ..unit import adapter_factory
+from ..unit import MixTerms, adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d
 
@@ -233,6 +233,11 @@ class VeraLinear(DeltaUnit):
         vera_a, vera_b = self.projections()
         delta = (self.vera_lambda_b.unsqueeze(1) * vera_b) @ (self.vera_lambda_d.unsqueeze(1) * vera_a)  # (out, in)
         return delta.t() if self.transposed else delta
+
+    def mix_terms(self) -> MixTerms:
+        vera_a, vera_b = self.projections()
+        return MixTerms("linear", a=(self.vera_lambda_d.unsqueeze(1) * vera_a).detach(),
+                        b=(self.vera_lambda_b.unsqueeze(1) * vera_b).detach())
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
