@@ -60,7 +60,7 @@ class Router:
         self.generating: list[str] | None = None
         self.plan: Plan | None = None
         self._hosts: tuple[Any, list[tuple[str, nn.Module]]] | None = None
-        self._last: tuple[Any, Any] | None = None  # the plan of the running generate's last step
+        self._last: tuple[Any, Any] | None = None  # the last call's names and (plan, mixes)
 
 
 class Plan:
@@ -131,7 +131,7 @@ class LayerMix:
             self.out_shift = self._vectors(terms, "out_shift", 0.0)
             if self.out_shift is not None and self.out_scale is None:
                 self.out_scale = torch.ones_like(self.out_shift)
-            self.a = self.b = None
+            self.a = self.bt = None
             if pairs:
                 self._stack_pairs(terms, pairs)
 
@@ -153,10 +153,16 @@ class LayerMix:
                 a[k, :r].copy_(t.a)
                 b[k, :, :r].copy_(t.b)
         self.conv = first.conv
-        # embedding: looked up per (slot, id), so stored (slots·num, r)
-        self.a = a.transpose(1, 2).reshape(-1, rank) if self.kind == "embedding" else a
-        self.b = b
         self.rank = rank
+        # laid out for the batched matmuls: B as (slots, r, out); A per kind, linear (slots, in, r),
+        # embedding (slots·num, r) (looked up per slot and id), conv2d (slots, r, in, kh, kw)
+        self.bt = b.transpose(1, 2).contiguous()
+        if self.kind == "linear":
+            self.a = a.transpose(1, 2).contiguous()
+        elif self.kind == "embedding":
+            self.a = a.transpose(1, 2).reshape(-1, rank)
+        else:
+            self.a = a
 
     def run(self, layer: AdapterLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         plan = self.router.plan
@@ -194,22 +200,25 @@ class LayerMix:
             x3 = x3.to(self.a.dtype)
         out3 = out.view(batch, -1, out.shape[-1])
         tokens = x3.shape[1]
-        in_place = not torch.is_grad_enabled()
+        fused = out.dtype == self.a.dtype and not torch.is_grad_enabled()  # add into the base output in place
         if self.path(plan, tokens, x3.shape[-1], out3.shape[-1]) == "per_row":
-            a = self.a.index_select(0, plan.row_slot)  # (B, r, in)
-            b = self.b.index_select(0, plan.row_slot)  # (B, out, r)
-            delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2)).to(out.dtype)
-            return (out3.add_(delta) if in_place else out3 + delta).view(out.shape)
+            bt = self.bt.index_select(0, plan.row_slot)  # (B, r, out)
+            h = torch.bmm(x3, self.a.index_select(0, plan.row_slot))  # (B, T, r)
+            if fused:
+                return out3.baddbmm_(h, bt).view(out.shape)
+            return (out3 + torch.bmm(h, bt).to(out.dtype)).view(out.shape)
         n, group = len(plan.slots), plan.group
         xg = x3 if plan.contiguous else x3.index_select(0, plan.gather)
-        xg = xg.reshape(n, group * tokens, x3.shape[-1])
-        delta = torch.bmm(torch.bmm(xg, self.a[1:].transpose(1, 2)), self.b[1:].transpose(1, 2))
-        delta = delta.view(n * group, tokens, -1).to(out.dtype)
+        h = torch.bmm(xg.reshape(n, group * tokens, x3.shape[-1]), self.a[1:])  # (n, G·T, r)
         if plan.contiguous:
-            return (out3.add_(delta) if in_place else out3 + delta).view(out.shape)
+            out_g = out3.view(n, group * tokens, -1)
+            if fused:
+                return out_g.baddbmm_(h, self.bt[1:]).view(out.shape)
+            return (out_g + torch.bmm(h, self.bt[1:]).to(out.dtype)).view(out.shape)
+        delta = torch.bmm(h, self.bt[1:]).view(n * group, tokens, -1).to(out.dtype)
         if plan.valid_pos is not None:
             delta = delta.index_select(0, plan.valid_pos)
-        if in_place:
+        if fused:
             return out3.index_add_(0, plan.valid_rows, delta).view(out.shape)
         return out3.index_add(0, plan.valid_rows, delta).view(out.shape)
 
@@ -218,7 +227,7 @@ class LayerMix:
         num = self.a.shape[0] // (len(plan.slots) + 1)
         flat = (plan.row_slot.view(batch, 1) * num + ids.reshape(batch, -1)).view(-1)
         h = F.embedding(flat, self.a).view(batch, -1, self.rank)  # (B, T, r)
-        delta = torch.bmm(h, self.b.index_select(0, plan.row_slot).transpose(1, 2))  # (B, T, dim)
+        delta = torch.bmm(h, self.bt.index_select(0, plan.row_slot))  # (B, T, dim)
         return out + delta.view(out.shape).to(out.dtype)
 
     def _conv2d(self, plan: Plan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -229,7 +238,7 @@ class LayerMix:
         h = h.view(h.shape[0], slots, rank, *h.shape[2:])
         pick = plan.row_slot.view(-1, 1, 1, 1, 1).expand(-1, 1, rank, *h.shape[3:])
         h = h.gather(1, pick).squeeze(1)  # each row's own: (B, r, H, W)
-        delta = torch.einsum("bor,brhw->bohw", self.b.index_select(0, plan.row_slot), h)
+        delta = torch.einsum("bro,brhw->bohw", self.bt.index_select(0, plan.row_slot), h)
         return out + delta.to(out.dtype)
 
 
@@ -339,12 +348,14 @@ def begin(model: nn.Module, state: Any, args: tuple, kwargs: dict) -> tuple[tupl
     names = _expand(names, batch, given is None)
     device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), torch.device("cpu"))
     key = (tuple(names), device)
-    if given is None and router._last is not None and router._last[0] == key:
-        plan, mixes = router._last[1]  # the next step of one generate: the weights are those of its first
+    if router._last is not None and router._last[0] == key:
+        plan, mixes = router._last[1]
+        if given is not None:  # a new call: the adapters' tensors may have changed (within a generate they do not)
+            mixes = [(host, _mix_for(host, path, plan, router)) for path, host in _hosts(model, state)]
     else:
         plan = Plan(names, device)
         mixes = [(host, _mix_for(host, path, plan, router)) for path, host in _hosts(model, state)]
-        router._last = (key, (plan, mixes)) if given is None else None
+    router._last = (key, (plan, mixes))
     router.plan = plan
     for host, mix in mixes:
         host._mix = mix
@@ -378,10 +389,11 @@ def _layer_mix(host: AdapterLayer, path: str, plan: Plan, router: Router) -> Any
                           "call peftkit.unmerge(model) first")
     if host.disabled:
         raise ConfigError("adapter_names= inside peftkit.disabled(model): the adapters are off")
-    units = [host.adapters[n] if n in host.adapters else None for n in plan.slots]
+    present = host.adapters._modules  # the ModuleDict's own dict: no per-name module lookups
+    units = [present.get(n) for n in plan.slots]
     if all(u is None for u in units):
         return BASE_ONLY
-    sources = tuple((id(t), t._version) for u in units if u is not None for t in u.mix_sources())
+    sources = [(id(t), t._version) for u in units if u is not None for t in u.mix_sources()]
     cache = host.__dict__.setdefault("_mix_cache", {})
     hit = cache.get(plan.slots)
     if hit is not None and hit[0] == sources:

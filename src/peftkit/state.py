@@ -95,6 +95,7 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     state = self.__dict__[ATTR]
     router = state.router
     router.generating = serving.check_names(names, state, self, call)
+    router._last = None  # its first step checks the adapters' tensors; the next ones reuse that
     try:
         return type(self).generate(self, *args, **kwargs)
     finally:
