@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # fight for cores and a training step can take ten times longer.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test bench install install-test clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (set PY=/path/to/python3.11)"; exit 1; }
@@ -34,6 +34,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
+
+# The benchmark suite: every method beside HF PEFT and the floor (under an hour on 2 CPU cores);
+# writes benchmarks/results/suite.json, benchmarks/results.png and its tables in BENCHMARKS.md.
+# OpenMP's default wait policy here: timings of a busy server, not of a shared test machine.
+bench: $(VENV)/.installed-test
+	env -u OMP_WAIT_POLICY $(BIN)/python benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -19,7 +19,11 @@ alternating (``measure`` says why).
 peftkit's mixed batch is also timed with each low-rank path forced (``grouped``, ``per_row``),
 which is how the automatic choice was set. Medians in milliseconds and the ratios.
 
-    .venv/bin/python benchmarks/bench_serving.py [--rounds 7] [--threads 2] [--json FILE]
+    .venv/bin/python benchmarks/bench_serving.py [--rounds 5] [--threads 2] [--json FILE]
+
+Run it with OpenMP's default wait policy (not ``OMP_WAIT_POLICY=PASSIVE``, which ``make test``
+sets): with passive threads every operator pays a thread wake-up, which charges a path by its
+number of small operators rather than its work (see BENCHMARKS.md for both).
 """
 
 from __future__ import annotations
@@ -186,6 +190,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--skew", action="store_true", help="half the rows on a0, the rest spread")
+    parser.add_argument("--phases", default="decode,prefill", help="which of decode,prefill to time")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -213,6 +218,8 @@ def main() -> None:
         ("decode", lambda m, **kw: decode_call(m, ids, step, **kw), 10),
         ("prefill", lambda m, **kw: prefill_call(m, ids, **kw), 1),
     ):
+        if phase not in args.phases.split(","):
+            continue
         ms = measure(variants(ours, theirs, names, rows, make), args.rounds, per_block)
         result[phase] = {"ms": ms, **ratios(ms)}
         print(phase, json.dumps(result[phase], indent=1), flush=True)
