@@ -1,59 +1,49 @@
 #!/usr/bin/env bash
-# The GPU checks, in one short script for a session that is lent a CUDA device (run from the
-# repository root; needs torch with CUDA, bitsandbytes, transformers and peft installed):
-#   1. QLoRA against LoRA on a ~1.1B Llama in bf16, beside HF PEFT (bench_qlora.py);
-#   2. `peftkit train --task causal-lm` on a 4-layer Llama in bf16: plain, with gradient
-#      checkpointing, and as QLoRA -- seconds per step and peak GPU memory from summary.json.
-# Results go to ${OUT:-gpu-check}/ (JSON lines and the run directories).
-# SMOKE=1 runs a shrunken version on the CPU (no QLoRA benchmark): a check of the script itself.
+# The GPU half of the benchmark suite, in one short script for a session lent a CUDA device:
+# benchmarks/gpu_bench.py on a ~1B Llama in bf16 (its docstring lists what it measures:
+# LoRA and QLoRA training beside HF PEFT and the floor, mixed-adapter decoding, compiled
+# against eager, `peftkit train --task causal-lm --bf16` with and without gradient
+# checkpointing). About 3-4 minutes on an H200; sections not started after --budget seconds
+# (270) are skipped. Results: ${OUT:-benchmarks/results}/gpu_bench.json (written after every
+# section; gpu_bench_tiny.json with SMOKE=1).
+#
+# Needs python3 with torch (CUDA), transformers and peft; runs peftkit from the tree
+# (PYTHONPATH=src). bitsandbytes, when it is not importable, is installed from its wheel, which
+# travels with the tree: $BNB_WHEEL, else benchmarks/wheels/bitsandbytes-*.whl. That directory
+# is git-ignored (43 MB): hand it to the device run with carry ["benchmarks/wheels"]; fetch it
+# on a machine with the package index with
+#   pip download bitsandbytes==0.50.2 --no-deps --only-binary=:all: \
+#       --platform manylinux_2_24_x86_64 --python-version 3.12 -d benchmarks/wheels
+# (the wheel is py3-none: any CPython 3; CUDA 11.8-13.2 kernels inside). Without a wheel the
+# QLoRA rows are skipped and the JSON says why.
+#
+#   benchmarks/gpu_check.sh [gpu_bench.py options]     # on the GPU machine, from anywhere
+#   SMOKE=1 PYTHON=.venv/bin/python benchmarks/gpu_check.sh   # the tiny CPU version (a check of the script)
 set -euo pipefail
-OUT=${OUT:-gpu-check}
-SMOKE=${SMOKE:-0}
-mkdir -p "$OUT"
-export PYTHONPATH=src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
-if [ "$SMOKE" = 1 ]; then
-    HIDDEN=64 INTER=128 LENGTH=64 STEPS=2
-else
-    HIDDEN=2048 INTER=5632 LENGTH=512 STEPS=30
-    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-    python benchmarks/bench_qlora.py --size 1b --device cuda --dtype bfloat16 \
-        --variants peftkit-qlora peftkit-lora hf-qlora hf-lora --batch 8 --length 512 | tee "$OUT/qlora.jsonl"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
+
+if ! "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
+    WHEEL=${BNB_WHEEL:-$(ls benchmarks/wheels/bitsandbytes-*.whl 2>/dev/null | sort | tail -n 1 || true)}
+    if [ -n "$WHEEL" ] && [ -f "$WHEEL" ]; then
+        BNB_DIR=${BNB_DIR:-${TMPDIR:-/tmp}/peftkit-bnb}
+        rm -rf "$BNB_DIR"
+        mkdir -p "$BNB_DIR"
+        # A wheel is a zip of the files as installed (package and .dist-info): unpacking it
+        # onto the path installs it, with no pip and no package index.
+        "$PY" -m zipfile -e "$WHEEL" "$BNB_DIR"
+        export PYTHONPATH="$BNB_DIR${PYTHONPATH:+:$PYTHONPATH}"
+        "$PY" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__, 'from $WHEEL')"
+    else
+        echo "gpu_check: bitsandbytes is not installed and there is no wheel (\$BNB_WHEEL or" \
+             "benchmarks/wheels/bitsandbytes-*.whl): the QLoRA rows will be skipped" >&2
+    fi
 fi
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 
-python - "$OUT" "$HIDDEN" "$INTER" "$LENGTH" <<'PY'
-import json, sys
-from pathlib import Path
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-out, hidden, inter, length = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-words = [f"w{i}" for i in range(4000)]
-tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}, unk_token="<unk>"))
-tk.pre_tokenizer = pre_tokenizers.Whitespace()
-tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=len(words) + 4, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4,
-                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=1024,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-LlamaForCausalLM(cfg).save_pretrained(out / "llama")
-tok.save_pretrained(out / "llama")
-g = torch.Generator().manual_seed(0)
-with open(out / "train.jsonl", "w") as f:
-    for _ in range(512):
-        n = int(torch.randint(length // 10, length * 3 // 4, (1,), generator=g))
-        ids = torch.randint(0, len(words), (n,), generator=g).tolist()
-        f.write(json.dumps({"prompt": " ".join(words[i] for i in ids[: n // 4]),
-                            "response": " ".join(words[i] for i in ids[n // 4:])}) + "\n")
-PY
-
-run() {  # name, extra flags
-    python -m peftkit train --model "$OUT/llama" --data "$OUT/train.jsonl" --max-length "$LENGTH" --batch-size 8 \
-        --max-steps "$STEPS" --bf16 --packing --out "$OUT/$1" --quiet "${@:2}"
-    python -c "import json,sys; s=json.load(open('$OUT/$1/summary.json')); print(json.dumps({'run': '$1', \
-'s_per_step': s['train_seconds'] / s['steps'], 'peak_gpu_gib': (s['peak_gpu_bytes'] or 0) / 2**30, \
-'base_gib': sum(s['base_bytes'].values()) / 2**30, 'eval_loss': s['eval']['loss']}))" | tee -a "$OUT/train_runs.jsonl"
-}
-run lora-bf16
-run lora-bf16-gc --gradient-checkpointing
-run qlora-bf16 --method qlora
+if [ "${SMOKE:-0}" = 1 ]; then
+    exec "$PY" benchmarks/gpu_bench.py --tiny --device cpu "$@"
+fi
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), 'torch', torch.__version__)"
+exec "$PY" benchmarks/gpu_bench.py --device cuda "$@"

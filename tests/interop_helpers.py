@@ -50,3 +50,24 @@ def hf_from_pretrained(base: nn.Module, directory) -> nn.Module:
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "missing adapter keys" in m or "Unexpected keyword" in m], messages
     return model
+
+
+def check_saved_file_in_hf(model: nn.Module, build, batch: dict, directory, quiet: type[Warning] = UserWarning) -> None:
+    """``model`` (peftkit, trained) saved to ``directory`` loads in HF PEFT over ``build()`` with
+    equal outputs, and both merge alike (outputs and state dicts); ``quiet``: HF's warnings to ignore."""
+    import peftkit
+
+    model.eval()
+    want = run(model, batch)
+    peftkit.save(model, directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", quiet)
+        hf = hf_from_pretrained(build(), directory)
+    assert_same(run(hf, batch), want, run(build(), batch))
+    merged = hf.merge_and_unload()
+    peftkit.unload(model, merge=True)
+    assert_same(run(model, batch), run(merged, batch))
+    ours, theirs = model.state_dict(), merged.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-6), key

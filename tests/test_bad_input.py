@@ -173,7 +173,7 @@ def test_cli_image_folder_errors_are_one_line(tmp_path, case):
     ("learning_rate", "did you mean 'lr'?"),
     ("epochz", "did you mean 'epochs'?"),
     ("batch-sise", "did you mean 'batch-size'?"),
-    ("lora_r", "did you mean 'r'?"),
+    ("lora_r", "did you mean 'r' or 'lora_fa'?"),
     ("num_virtual_tokens", "did you mean 'virtual_tokens'?"),
 ])
 def test_unknown_yaml_key_lists_near_names_only(tmp_path, key, near):

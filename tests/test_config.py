@@ -40,9 +40,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ({"lora_dropout": 1.5}, "lora_dropout", "1", "1.5"),
     ({"lora_dropout": -0.1}, "lora_dropout", "0", "-0.1"),
     ({"bias": "x"}, "bias", "lora_only", "'x'"),
-    ({"init_lora_weights": "eva"}, "init_lora_weights", "gaussian", "'eva'"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights", "gaussian", "'pissa'"),
-    ({"init_lora_weights": "olora"}, "init_lora_weights", "gaussian", "'olora'"),
+    ({"init_lora_weights": "corda"}, "init_lora_weights", "gaussian", "'corda'"),  # pissa/olora: implemented
+    ({"init_lora_weights": "pissa_niter_x"}, "init_lora_weights", "gaussian", "'pissa_niter_x'"),
     ({"target_modules": 3}, "target_modules", "list", "3"),
     ({"target_modules": ["query", 3]}, "target_modules", "list", "['query', 3]"),
     ({"modules_to_save": "classifier"}, "modules_to_save", "list", "'classifier'"),
@@ -118,7 +117,7 @@ def test_hf_config_file_with_default_unsupported_fields_is_read(tmp_path) -> Non
     data = json.loads((directory / CONFIG).read_text())
     own = {f.name for f in dataclasses.fields(peftkit.LoraConfig)}
     # The file really carries HF fields peftkit does not implement (at their defaults).
-    assert {"use_qalora", "loftq_config", "eva_config", "megatron_core", "layer_replication"} <= set(data) - own
+    assert {"use_qalora", "corda_config", "megatron_core", "alora_invocation_tokens"} <= set(data) - own
 
     config = peftkit.read_config(directory)
     assert isinstance(config, peftkit.LoraConfig)
@@ -131,13 +130,12 @@ def test_hf_config_file_with_default_unsupported_fields_is_read(tmp_path) -> Non
 
 @pytest.mark.parametrize("field, value", [
     ("use_qalora", True),
-    ("init_lora_weights", "eva"),
-    ("init_lora_weights", "pissa"),
-    ("loftq_config", {"loftq_bits": 4, "loftq_iter": 1}),
-    ("eva_config", {"rho": 2.0}),
-    ("layer_replication", [[0, 1], [0, 2]]),
-    ("lora_bias", True),
-    ("trainable_token_indices", [1, 2, 3]),
+    ("init_lora_weights", "corda"),  # pissa, olora, orthogonal, loftq: implemented (methods/lora_init.py)
+    ("loftq_config", [4, 1]),  # implemented (with init_lora_weights="loftq"): not a mapping is refused
+    ("eva_config", {"rho": 0.5}),  # implemented (peftkit.eva): a bad value is refused
+    ("layer_replication", [[2, 1]]),  # implemented (peftkit.replication): a bad value is refused
+    ("lora_bias", "yes"),  # implemented: a bad value is refused
+    ("trainable_token_indices", [1, -2]),  # implemented (peftkit.tokens): a bad value is refused
     ("my_extra_field", 5),
     ("r", 0),
 ])
@@ -232,8 +230,8 @@ def _broken(kind: str, good, tmp_path):
         (directory / CONFIG).write_text('{\n  "peft_type": "LORA",\n  "r": 8,,\n  "lora_alpha": 8\n}\n')
         return directory, ["line 3", CONFIG]
     if kind == "unsupported-field":
-        _edit(directory, lora_bias=True)
-        return directory, ["lora_bias", CONFIG]
+        _edit(directory, use_qalora=True)
+        return directory, ["use_qalora", CONFIG]
     if kind == "corrupt-weights":
         (directory / WEIGHTS).write_bytes(b"\x00not a safetensors file")
         return directory, [WEIGHTS]

@@ -13,6 +13,9 @@ from .inject import apply, infer_task_type, unload
 from .swap import hotswap, prepare_hotswap
 from .io import load, read_config, save
 from .merge_report import MergeReport
+from .eva import EvaConfig, get_eva_state_dict, initialize_eva, initialize_lora_eva_weights
+from .optim import (LoraFAAdamW, create_loraplus_optimizer, create_lorafa_optimizer, freeze_lora_a,
+                    lora_plus_param_groups)
 from .methods.bottleneck import AdapterConfig
 from .methods.combine import combine
 from .methods.ia3 import IA3Config
@@ -38,4 +41,6 @@ __all__ = [
     "TrainableSummary", "active_adapters", "adapted_modules", "apply", "combine", "delete", "disabled", "hotswap", "infer_task_type",
     "load", "merge", "prepare_for_kbit_training", "prepare_hotswap", "quantize", "read_config", "register", "save", "set_active", "trainable_summary", "unload", "unmerge",
 ]
+__all__ += ["EvaConfig", "LoraFAAdamW", "create_loraplus_optimizer", "create_lorafa_optimizer", "freeze_lora_a",
+            "get_eva_state_dict", "initialize_eva", "initialize_lora_eva_weights", "lora_plus_param_groups"]
 __all__ += sorted({m.config_cls.__name__ for m in _registry.all_methods()} - set(__all__))

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch.nn as nn
 
-from . import registry
+from . import registry, replication
 from .errors import ModelError
 from .merge_report import MergeReport, Probe, change, default_probe
 from .layer import AdapterLayer
@@ -86,6 +86,9 @@ def merge_layers(model: nn.Module, requantize: bool = False) -> list[str]:
         if registry.method_for(state.configs[name]).attach is not None:
             raise ModelError(f"adapter {name!r} ({state.configs[name].peft_type}) changes the model's inputs, "
                              "not its weights; it cannot be merged")
+        if getattr(state.configs[name], "layer_replication", None):
+            raise ModelError(f"adapter {name!r} adapts stacked layers (layer_replication) that share their base "
+                             "weights, so its updates cannot be folded into them; use it unmerged")
     layers = [h for _, h in hosts(model) if isinstance(h, AdapterLayer)]
     for host in layers:
         host.mergeable_check()
@@ -143,6 +146,7 @@ def delete(model: nn.Module, name: str) -> None:
     state.targets.pop(name, None)
     state.active = [n for n in state.active if n != name]
     if not state.configs:
+        replication.restore(model)  # the original layer list, before the names below are read
         for pname, p in model.named_parameters():
             p.requires_grad_(state.requires_grad.get(pname, True))
         drop_state(model)

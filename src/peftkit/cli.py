@@ -178,10 +178,20 @@ def _help(text: str, field: str) -> str:
                                                         "and LoKr's rank dropout)", "dropout"), "dropout"))
 @click.option("--targets", help=_takes("Modules to adapt: a comma list (query,value), a regex over full "
               "module names, or all-linear", "targets") + "  [default: the method's default for the model type]")
+@click.option("--init", help=_takes("How LoRA's A and B start: default (B = 0), gaussian, pissa / pissa_niter_N "
+              "(principal singular vectors; the base keeps the residual), olora (QR), orthogonal (B·A = 0), "
+              "loftq (--method qlora: the 4-bit base and the adapter fitted to the float weights together), "
+              "eva (A from the principal directions of each layer's inputs on the first training batches, "
+              "ranks redistributed by explained variance)",
+              "init") + "  [default: default]")
 @click.option("--epochs", type=int, help=_help("Passes over the training data.", "epochs"))
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help=_help("Examples per step (and per eval batch).", "batch_size"))
 @click.option("--lr", type=float, help=_help("Peak learning rate (AdamW; warmup, then --scheduler).", "lr"))
+@click.option("--loraplus-lr-ratio", type=float, help=_takes("LoRA+: LoRA's B matrices train at this times --lr "
+              "(A, the head and biases at --lr), e.g. 16", "loraplus_lr_ratio"))
+@click.option("--lora-fa/--no-lora-fa", default=None, help=_takes("LoRA-FA: A stays at its initial value and only B "
+              "trains, its gradient projected as by HF PEFT's LoRA-FA optimizer", "lora_fa"))
 @click.option("--warmup-ratio", type=float, help=_help("Fraction of the steps spent warming up.", "warmup_ratio"))
 @click.option("--weight-decay", type=float, help=_help("AdamW weight decay on adapter matrices.", "weight_decay"))
 @click.option("--max-length", type=int, help=_help("Tokens per example; longer texts are truncated.", "max_length"))

@@ -7,12 +7,12 @@ import copy
 import torch.nn as nn
 
 from . import adapters as ops
-from . import quant, registry
+from . import param_lora, quant, registry, replication, tokens
 from .config import PeftConfig
 from .errors import ConfigError, ModelError
 from .layer import AdapterLayer, SavedModule
 from .state import drop_state, get_state, hosts, replace_module
-from .targeting import config_modules_to_save, find_targets, logical_modules, matches
+from .targeting import config_modules_to_save, logical_modules, matches
 
 # Class-name endings of transformers heads -> HF PEFT task_type.
 _TASK_SUFFIXES = (
@@ -66,16 +66,20 @@ def build(model: nn.Module, config: PeftConfig, name: str, infer_defaults: bool)
     if infer_defaults:
         config = _with_task_defaults(model, config)
     quant.settle_all(model)  # no 4-bit layer may take bitsandbytes' AVX512-BF16 repack (see quant)
+    built: list = []  # (base layer, unit) built but not hosted yet: undone if a later step refuses
     try:
         if method.prepare is not None:
             config = method.prepare(model, config)
         if infer_defaults:  # a file's entries that match nothing are left to the strict key check
             _check_saved_modules(model, config)
+        # layer_replication stacks the layers before targeting: the stacked ones are the targets
+        replication.stack(model, config, list(state.configs.values()))
+        extras = []  # (path, module, unit, host class) beyond target_modules: token rows, parameters
         if method.attach is not None:
             targets, units = [], []
             method.attach(model, config, name)
         else:
-            targets = find_targets(model, config, method.default_targets)
+            targets = param_lora.module_targets(model, config, method.default_targets)
             # Build every unit before wrapping a layer, so a refused layer changes nothing.
             originals = [(path, getattr(m, "base_layer", m)) for path, m in targets]
             if method.make_unit is not None:
@@ -85,13 +89,18 @@ def build(model: nn.Module, config: PeftConfig, name: str, infer_defaults: bool)
                 if len(units) != len(targets):
                     raise ModelError(f"{method.peft_type}: build_units gave {len(units)} units for "
                                      f"{len(targets)} targets")
+            built = [(m, u) for (_, m), u in zip(originals, units)]
+            extras = [*tokens.plan(model, config, targets), *param_lora.plan(model, config, targets)]
     except (ConfigError, ModelError):
+        for module, unit in built:  # e.g. a PiSSA residual already written into the base
+            unit.release(module)
         _remove_partial(model, name)  # a shared host build_units or attach had begun
         if not state.configs:
+            replication.restore(model)
             drop_state(model)
         raise
-    for (path, module), unit in zip(targets, units):
-        host = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+    for path, module, unit, host_cls in [(p, m, u, AdapterLayer) for (p, m), u in zip(targets, units)] + extras:
+        host = module if isinstance(module, AdapterLayer) else host_cls(module)
         host.add(name, unit)
         if host is not module:
             replace_module(model, path, host)
@@ -195,6 +204,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         ops.unmerge(model)
     for path, host in list(hosts(model)):
         replace_module(model, path, host.restore(merge))
+    replication.restore(model)
     for pname, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(pname, True))
     drop_state(model)

@@ -9,13 +9,21 @@ Loading is strict: a missing or unexpected key, or a shape that does not fit the
 ``AdapterFileError`` naming the key (and both shapes), and the model is left as it was.
 Pickle files (``adapter_model.bin``) are read only with ``allow_pickle=True``, and then with
 ``torch.load(weights_only=True)``.
+
+A LoRA file whose ``init_lora_weights`` writes into the base (PiSSA, OLoRA, LoftQ) is loaded as
+HF PEFT loads it: the init runs again on the fresh base, then A and B come from the file (its
+keys and shapes are checked first, against a build without the init). ``save(plain_lora=...)``
+writes such an adapter converted to a plain LoRA instead (``methods/lora_init.py``,
+``docs/lora_init.md``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
+import warnings
 
 import torch
 import torch.nn as nn
@@ -24,13 +32,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import adapters as ops
-from . import atomic
+from . import atomic, tokens
 from .atomic import write_atomic  # noqa: F401 - peftkit.io.write_atomic, as before
 from .config import CONFIG_NAME
-from .errors import AdapterFileError, ConfigError, ModelError
+from .errors import AdapterFileError, ConfigError, ModelError, PeftkitWarning
 from .inject import adapter_parameters, build, check_adapter_name
 from .layer import FILE_PREFIX as PREFIX
 from .layer import AdapterLayer, Host, SavedModule
+from .methods import lora_init
 from .registry import config_from_dict, method_for
 from .state import check_name, get_state, has_adapters, hosts
 from .targeting import logical_modules
@@ -63,7 +72,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-         tensors: dict[str, torch.Tensor] | None = None) -> str:
+         tensors: dict[str, torch.Tensor] | None = None, *, plain_lora: bool | None = None) -> str:
     """Write adapter ``name`` into ``directory`` (created if needed); returns the directory.
 
     The directory is built whole in a hidden temporary sibling and renamed into place, so a
@@ -72,8 +81,16 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default",
     over into the new one. ``tensors``: the adapter's tensors as ``adapter_tensors`` keys them,
     when they are not the live ones (a trainer that gathered the shards of a sharded model
     passes them here).
+
+    ``plain_lora``: for a LoRA adapter whose init changed the base weights (PiSSA, OLoRA), True
+    writes it converted to a plain LoRA of twice the rank against the untouched base (HF PEFT's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``; ``lora_init``), which
+    loads anywhere a LoRA loads and beside other adapters; False writes it as trained (with its
+    ``init_lora_weights``: a loader runs the init again on the fresh base). None (default):
+    converted for ``pissa_niter_N`` (a randomized SVD cannot be run again to the same base),
+    as trained otherwise. An adapter whose init left the base alone is a plain LoRA already.
     """
-    weights, config_text = _adapter_files(model, name, tensors)
+    weights, config_text = _adapter_files(model, name, tensors, plain_lora)
     directory = os.fspath(directory)
     if _in_place_only(directory):  # the working directory or a mount point cannot be renamed
         _write_files(directory, weights, config_text)
@@ -83,13 +100,15 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str = "default",
 
 
 def write_files(model: nn.Module, directory: str | os.PathLike, name: str = "default",
-                tensors: dict[str, torch.Tensor] | None = None) -> None:
+                tensors: dict[str, torch.Tensor] | None = None, *, plain_lora: bool | None = None) -> None:
     """Write adapter ``name``'s two files into the existing ``directory``, one after the other
-    (each atomically): for a caller that builds a whole directory with ``atomic.write_dir``."""
-    _write_files(os.fspath(directory), *_adapter_files(model, name, tensors))
+    (each atomically): for a caller that builds a whole directory with ``atomic.write_dir``.
+    ``plain_lora``: as for ``save``."""
+    _write_files(os.fspath(directory), *_adapter_files(model, name, tensors, plain_lora))
 
 
-def _adapter_files(model: nn.Module, name: str, tensors: dict[str, torch.Tensor] | None) -> tuple[bytes, bytes]:
+def _adapter_files(model: nn.Module, name: str, tensors: dict[str, torch.Tensor] | None,
+                   plain_lora: bool | None = None) -> tuple[bytes, bytes]:
     """(the safetensors bytes, the config JSON) of adapter ``name``."""
     state = get_state(model)
     config = check_name(state, name)
@@ -100,8 +119,49 @@ def _adapter_files(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in (tensors or live).items()}
     data = config.file_dict(state.targets.get(name, []))
     data["inference_mode"] = True
+    if _converting(config, plain_lora):
+        tensors = _converted_tensors(model, name, tensors)
+        data.update(lora_init.converted_config_fields(config))
     return (safetensors_bytes(tensors, metadata={"format": "pt"}),
             (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _converting(config, plain_lora: bool | None) -> bool:
+    """Whether a save writes the adapter converted to a plain LoRA (``save``'s ``plain_lora``)."""
+    init = getattr(config, "init_lora_weights", None) if config.peft_type == "LORA" else None
+    if plain_lora is not None and not isinstance(plain_lora, bool):
+        raise ConfigError(f"plain_lora: expected True, False or None, found {plain_lora!r}")
+    if init is None or not lora_init.modifies_base(init):
+        return False  # a plain LoRA already (or not a LoRA: nothing to convert)
+    if lora_init.kind(init) == "loftq":
+        if plain_lora:
+            raise ConfigError("plain_lora: a LoftQ adapter is trained against its quantized base, not the float "
+                              "one, so it has no plain-LoRA form; save it as trained (plain_lora=False)")
+        return False
+    return plain_lora if plain_lora is not None else not lora_init.reloads_exactly(init)
+
+
+def _converted_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every LoRA pair ``(A, B)`` replaced by ``([A ; A₀], [B | −B₀])`` (rank 2r;
+    zero-padded where the init left the base alone)."""
+    from .methods.lora import LoraEmbedding, LoraUnit
+
+    out = dict(tensors)
+    for path, host in hosts(model):
+        if not isinstance(host, AdapterLayer) or name not in host.adapters:
+            continue
+        unit = host.adapters[name]
+        if not isinstance(unit, LoraUnit):
+            continue
+        suffixes = ("lora_embedding_A", "lora_embedding_B") if isinstance(unit, LoraEmbedding) else \
+            ("lora_A.weight", "lora_B.weight")
+        key_a, key_b = (f"{PREFIX}{path}.{s}" for s in suffixes)
+        initial = unit.initial_pair()
+        a0, b0 = (None, None) if initial is None else (t.detach().cpu() for t in initial)
+        if a0 is not None:
+            a0, b0 = a0.reshape(out[key_a].shape), b0.reshape(out[key_b].shape)
+        out[key_a], out[key_b] = (t.contiguous() for t in lora_init.converted_pair(out[key_a], out[key_b], a0, b0))
+    return out
 
 
 def _write_files(directory: str | os.PathLike, weights: bytes, config_text: bytes) -> None:
@@ -221,18 +281,34 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str = "default", 
     config.inference_mode = True
     before_active = get_state(model).active if has_adapters(model) else []
     before_grad = [(p, p.requires_grad) for p in model.parameters()]
-    try:  # the file's config is the truth: no task type or head is inferred from the model
-        build(model, config, name, infer_defaults=False)
-    except ConfigError as exc:  # the file asks for something this model does not have
-        raise AdapterFileError(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: {exc}") from None
-    try:
-        _fill(model, name, tensors, os.fspath(directory))
-    except BaseException:  # leave the model exactly as it was
+
+    def undo() -> None:
         ops.delete(model, name)
         if before_active:
             ops.set_active(model, before_active)
         for p, flag in before_grad:
             p.requires_grad_(flag)
+
+    init = getattr(config, "init_lora_weights", None) if config.peft_type == "LORA" else None
+    if init is not None and lora_init.modifies_base(init):
+        # The init writes into the base weights (PiSSA, OLoRA, LoftQ): the file's keys and shapes
+        # are checked against a build without it first, so a refused file leaves the base as it was.
+        with lora_init.building_structure_only():
+            _build(model, copy.deepcopy(config), name, directory)
+        try:
+            _fill(model, name, tensors, os.fspath(directory), check_only=True)
+        finally:
+            undo()
+        if not lora_init.reloads_exactly(init):
+            warnings.warn(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: init_lora_weights={init!r} "
+                          "(a randomized SVD) was saved unconverted: running it again on this base gives another "
+                          "residual, so the adapter does not compute what was trained; save such an adapter with "
+                          "plain_lora=True (peftkit.save's default for it)", PeftkitWarning, stacklevel=2)
+    _build(model, config, name, directory)
+    try:
+        _fill(model, name, tensors, os.fspath(directory))
+    except BaseException:  # leave the model exactly as it was
+        undo()
         raise
     if not trainable:
         for p in adapter_parameters(model, name):
@@ -257,10 +333,21 @@ def optional_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor | No
                 param = key[len(PREFIX) + len(path) + 1:]
                 out[f"{PREFIX}{path}.modules_to_save.{param}"] = None
                 out[f"{PREFIX}{path}.original_module.{param}"] = None
+    out.update(tokens.optional_tensors(model, name))  # a resized vocabulary's embedding layers
     return out
 
 
-def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+def _build(model: nn.Module, config, name: str, directory: str | os.PathLike) -> None:
+    try:  # the file's config is the truth: no task type or head is inferred from the model
+        build(model, config, name, infer_defaults=False)
+    except ConfigError as exc:  # the file asks for something this model does not have
+        raise AdapterFileError(f"{os.path.join(os.fspath(directory), CONFIG_NAME)}: {exc}") from None
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str,
+          check_only: bool = False) -> None:
+    """Check the file's keys and shapes against adapter ``name`` and copy the tensors in (with
+    ``check_only``, only check)."""
     expected = adapter_tensors(model, name)
     optional = {k: t for k, t in optional_tensors(model, name).items() if k in tensors and k not in expected}
     missing = sorted(set(expected) - set(tensors))
@@ -277,6 +364,8 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source:
                 f"{source}: key {key} has shape {tuple(tensors[key].shape)} in the file but "
                 f"{tuple(target.shape)} in the model"
             )
+    if check_only:
+        return
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))

@@ -79,6 +79,9 @@ class AdapterLayer(NamedAdapters):
         return {f"{FILE_PREFIX}{path}.{suffix}": t for suffix, t in unit.file_tensors().items()}
 
     def restore(self, merge: bool) -> nn.Module:
+        for name, unit in self.adapters.items():
+            if name not in self.merged:  # a merged unit's effect stays in the weights
+                unit.release(self.base_layer)
         return self.base_layer
 
     def inner(self) -> nn.Module:
@@ -87,6 +90,7 @@ class AdapterLayer(NamedAdapters):
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise ModelError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
+        self.adapters[name].release(self.base_layer)
         super().remove(name)
 
     def check_active(self, names: Iterable[str]) -> None:
@@ -123,7 +127,9 @@ class AdapterLayer(NamedAdapters):
     def mergeable_check(self) -> None:
         for name in self.active:
             if name not in self.merged and not self.adapters[name].mergeable:
-                raise ModelError(f"adapter {name!r} ({type(self.adapters[name]).__name__}) cannot be merged")
+                why = getattr(self.adapters[name], "merge_refusal", None)
+                raise ModelError(f"adapter {name!r} ({type(self.adapters[name]).__name__}) cannot be merged"
+                                 + (f": {why}" if why else ""))
 
     def merge(self, requantize: bool = False) -> list[str]:
         """Fold the active, not yet merged units into the base weights, in their run order;

@@ -12,6 +12,15 @@ forward over it fails or loses the input gradient, and the repack itself fails o
 fewer than 64 inputs. So every 4-bit layer peftkit creates or touches is ``settle``d: its repack
 switch is turned off, and a layer packed before peftkit saw it is unpacked first.
 
+Under FSDP (``torch.distributed.fsdp.fully_shard``) a 4-bit layer's weight stops being a
+``Params4bit``: it is split into a plain sharded tensor (FSDP2 shards the packed uint8 codes like
+any parameter, and leaves integer parameters out of mixed-precision casts), and inside the
+forward it is a plain gathered tensor without the quantization state (block scales, their
+double-quantized scales, the code book). bitsandbytes' ``Linear4bit.forward`` rebuilds the
+``Params4bit`` from the state kept on the module (``layer.quant_state``), so every 4-bit layer
+peftkit creates or touches keeps its state there as well (``settle``); ``is_quantized`` and
+``dequantized_weight`` recognise such a layer too (DoRA reads its base weight in the forward).
+
 Merging is this module's other job (``dense_copy`` / ``quantized_copy``): the host layer
 swaps a 4-bit base for a dense copy holding the dequantized weights — the function the adapter
 was trained against — folds the units into that, and requantizes only when asked. The original
@@ -20,10 +29,12 @@ was trained against — folds the units into that, and requantizes only when ask
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .targeting import is_conv1d, logical_modules, matches, output_head_names, replace_module
 from .unit import Host
 
@@ -37,9 +48,37 @@ def _bnb():
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit linear layer (peftkit's or one transformers loaded)."""
+    """A bitsandbytes 4-bit linear layer (peftkit's or one transformers loaded), also one whose
+    weight FSDP has replaced by a shard or by the gathered codes."""
     weight = module._parameters.get("weight")  # its own parameter, not a host's ``weight`` property
-    return type(weight).__name__ == "Params4bit"
+    if type(weight).__name__ == "Params4bit":
+        return True
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no module can be one of its layers
+    return (weight is not None and bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+            and getattr(module, "quant_state", None) is not None)
+
+
+def _sharded(weight: torch.Tensor) -> bool:
+    return hasattr(weight, "full_tensor")  # a DTensor: this process holds only a part
+
+
+def four_bit_weight(layer: nn.Module) -> torch.Tensor:
+    """The 4-bit ``layer``'s weight as a ``Params4bit`` with its quantization state.
+
+    Inside FSDP's forward the weight is the gathered packed codes as a plain tensor; it is
+    rebuilt from the state kept on the layer, as bitsandbytes' own forward does
+    (``fix_4bit_weight_quant_state_from_module``). A weight that is only a shard (outside
+    the forward of its FSDP block) has no whole value on this process: a ``ModelError``."""
+    weight = layer._parameters.get("weight")
+    if getattr(weight, "quant_state", None) is not None:
+        return weight
+    if weight is not None and _sharded(weight):
+        raise ModelError(f"{type(layer).__name__}: the 4-bit weight is sharded across processes (FSDP); "
+                         "it is whole only inside the forward of its block")
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(layer)
+    return layer.weight
 
 
 def settle(layer: nn.Module) -> nn.Module:
@@ -53,12 +92,14 @@ def settle(layer: nn.Module) -> nn.Module:
         layer.support_avx512bf16_for_cpu = False
     weight = layer._parameters.get("weight")
     state = getattr(weight, "quant_state", None)
-    if state is not None and getattr(state, "packing_format_for_cpu", False):
+    if state is None:  # under FSDP (a shard or the gathered codes): the layer's state stays
+        return layer
+    if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        if getattr(layer, "quant_state", None) is not None:
-            layer.quant_state = weight.quant_state
+    # the state on the module too: what bitsandbytes restores a gathered FSDP weight from
+    layer.quant_state = weight.quant_state
     return layer
 
 
@@ -75,19 +116,25 @@ def _to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, d
     """A ``Linear4bit`` computing ``x @ weight.T + bias``; ``weight`` is (out, in)."""
     bnb = _bnb()
     out_features, in_features = weight.shape
+    # The packed codes stay in bitsandbytes' default uint8 storage, also for FSDP: FSDP2 shards
+    # and gathers an integer parameter as it is and leaves it out of a mixed-precision policy's
+    # cast. (A float storage is what FSDP1's flat parameters need; under FSDP2 a float storage
+    # other than the policy's ``param_dtype`` would be cast, and the codes with it.)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+                              compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8,
+                              device="meta")
     layer.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False,
-                                     compress_statistics=double_quant, quant_type=quant_type)
+                                     compress_statistics=double_quant, quant_type=quant_type,
+                                     quant_storage=torch.uint8)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
-    return settle(layer.to(weight.device))  # quantizes on the move
+    return settle(layer.to(weight.device))  # quantizes on the move; settle keeps the state on the layer
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight a 4-bit layer computes with, in its compute dtype."""
     bnb = _bnb()
-    w = settle(module).weight
+    w = four_bit_weight(settle(module))
     dense = bnb.functional.dequantize_4bit(w.data, w.quant_state)
     return dense.to(module.compute_dtype or torch.float32)
 
@@ -108,8 +155,9 @@ def dense_copy(module: nn.Module) -> nn.Linear:
 
 def quantized_copy(dense: nn.Linear, like: nn.Module) -> nn.Module:
     """``dense`` quantized again with the settings of the 4-bit layer ``like``."""
-    state = settle(like).weight.quant_state
-    layer = _to_4bit(dense.weight, dense.bias, state.quant_type, like.weight.compress_statistics,
+    weight = four_bit_weight(settle(like))
+    state = weight.quant_state
+    layer = _to_4bit(dense.weight, dense.bias, state.quant_type, weight.compress_statistics,
                      like.compute_dtype or dense.weight.dtype)
     layer.train(like.training)
     return layer
@@ -154,14 +202,17 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the base model's parameters held in 4-bit (with their scales) and in 16/32-bit
-    (embeddings, norms, heads, skipped layers); adapters are not counted."""
+    (embeddings, norms, heads, skipped layers); adapters are not counted. Of a model sharded by
+    FSDP: the whole model's (a shard's ``numel`` is its whole tensor's)."""
     four_bit = other = 0
     seen = set()
     for module in model.modules():
         if is_quantized(module):
             w = settle(module).weight
             four_bit += w.numel() * w.element_size()
-            state = w.quant_state
+            state = getattr(w, "quant_state", None)
+            if state is None:  # a shard under FSDP: the state is on the layer
+                state = module.quant_state
             four_bit += state.absmax.numel() * state.absmax.element_size()
             if state.nested and state.state2 is not None:
                 four_bit += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4

@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 # The method-specific options of ``peftkit train`` a CLI entry may take; every other option
 # applies to every method. The values reach ``CliMethod.make_config`` by these names.
-CLI_OPTIONS = ("r", "alpha", "dropout", "targets", "virtual_tokens")
+CLI_OPTIONS = ("r", "alpha", "dropout", "targets", "virtual_tokens", "init", "loraplus_lr_ratio", "lora_fa")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,13 @@ def _check_merged(model: nn.Module, names: list[str], call: str) -> None:
                                  "call peftkit.unmerge(model) first")
 
 
+def _refuse_beyond_linear(config, what: str, call: str) -> None:
+    """Token rows and parameter targets (docs/lora_beyond_linear.md) have no LoRA pair of a module to swap."""
+    for field_name in ("trainable_token_indices", "target_parameters"):
+        if getattr(config, field_name, None):
+            raise ModelError(f"{call}: {what} has {field_name}; hot-swapping swaps the LoRA pairs of modules only")
+
+
 def _no_adapters(model: nn.Module, call: str) -> ModelError:
     return ModelError(f"{call}: {type(model).__name__} has no peftkit adapters; load the LoRA adapter to swap "
                       "first (peftkit.load or peftkit.apply)")
@@ -142,6 +149,8 @@ def prepare_hotswap(model: nn.Module, max_rank: int) -> None:
         raise ModelError(f"{call}: hot-swapping supports LoRA adapters only, and the model has "
                          f"{', '.join(others)}; delete {'it' if len(others) == 1 else 'them'} first (peftkit.delete)")
     names = list(state.configs)
+    for n in names:
+        _refuse_beyond_linear(state.configs[n], f"adapter {n!r}", call)
     _check_merged(model, names, call)
     units = {n: _lora_units(model, n) for n in names}
     for n, found in units.items():
@@ -212,6 +221,12 @@ def hotswap(model: nn.Module, directory: str | os.PathLike, name: str = "default
     source = os.path.join(directory, CONFIG_NAME)
     new = io.read_config(directory)
     _check_compatible(loaded, new, name, source)
+    _refuse_beyond_linear(loaded, f"adapter {name!r}", call)
+    _refuse_beyond_linear(new, source, call)
+    if (new.layer_replication or None) != (loaded.layer_replication or None):
+        raise AdapterFileError(f"{source}: layer_replication: the loaded adapter {name!r} has "
+                               f"{loaded.layer_replication!r}, the file has {new.layer_replication!r}; a hot-swapped "
+                               "adapter must agree on it (load the file as a new adapter instead)")
     tensors = io.read_tensors(directory, allow_pickle)
     plan = _plan(model, name, new, tensors, directory)
     stored = copy.deepcopy(new)
@@ -237,6 +252,15 @@ def _check_compatible(loaded: LoraConfig, new, name: str, source: str) -> None:
     if new.peft_type != loaded.peft_type:
         raise AdapterFileError(f"{source}: peft_type: the loaded adapter {name!r} is {loaded.peft_type!r}, the file "
                                f"is {new.peft_type!r}; hot-swapping replaces a LoRA adapter by another LoRA adapter")
+    from .methods import lora_init
+
+    for config, which in ((loaded, f"the loaded adapter {name!r}"), (new, "the file")):
+        init = getattr(config, "init_lora_weights", True)
+        if lora_init.modifies_base(init) or getattr(config, "lora_bias", False):
+            what = f"init_lora_weights={init!r} (it changes the base weights)" if lora_init.modifies_base(init) \
+                else "lora_bias=True"
+            raise AdapterFileError(f"{source}: {which} has {what}, which hot-swapping does not support; load the "
+                                   "file as a new adapter (a PiSSA/OLoRA adapter saved with plain_lora=True swaps)")
     for f in COMPARED_FIELDS:
         have, got = _normalized(f, getattr(loaded, f)), _normalized(f, getattr(new, f))
         if have != got:

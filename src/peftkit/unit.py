@@ -59,6 +59,10 @@ class Unit(nn.Module):
     def unmerge_from(self, base: nn.Module) -> None:
         raise ModelError(f"{type(self).__name__} cannot be unmerged from the base layer")
 
+    def release(self, base: nn.Module) -> None:
+        """The unit leaves its host unmerged (delete, unload without merging): undo what it did
+        to the base layer when it was built, if anything (a PiSSA/OLoRA init's residual)."""
+
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """The unit's tensors keyed by their suffix in HF PEFT's file (``lora_A.weight``)."""
         return {}

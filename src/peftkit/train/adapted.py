@@ -290,9 +290,14 @@ def load_adapted(adapter: str | os.PathLike | Source, model: str | None, device:
     base = build(source)
     run = source.args.get("options") if isinstance(source.args.get("options"), dict) else {}
     quant_type = base_quant_type(run.get("method"), run.get("quantize")) or ("nf4" if quantized else None)
-    if quant_type:
+    from ..methods import lora_init
+
+    late = bool(quant_type) and lora_init.quantizes_after(peftkit.read_config(source.adapter_dir))
+    if quant_type and not late:  # PiSSA/LoftQ: their init runs on the float base, quantized after (as trained)
         peftkit.quantize(base, quant_type=quant_type)
     peftkit.load(base, source.adapter_dir, allow_pickle=source.allow_pickle)
+    if late:
+        lora_init.quantize_base(base, quant_type=quant_type)
     base.eval()
     return Adapted(base, source.args, source.adapter_dir, source.model_path, source)
 

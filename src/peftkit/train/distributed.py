@@ -6,6 +6,8 @@ each global batch; gradients are averaged by PyTorch's DDP, or the model is shar
 forward and backward). Only rank 0 writes files. A process on CPU uses the gloo backend, one on
 CUDA uses NCCL and the GPU ``LOCAL_RANK``.
 
+A 4-bit base (``--method qlora``, ``--quantize``) shards too: ``_fully_shard`` says how.
+
 ``peftkit train --nproc N`` starts ``torchrun --standalone --nproc_per_node N`` on this machine
 (``launch``); on several machines run ``torchrun`` yourself (README: "More than one GPU").
 """
@@ -22,6 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+import peftkit
 
 from .. import ConfigError
 
@@ -119,8 +123,17 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
 def _fully_shard(model: nn.Module, world: World) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
-        raise ConfigError("--fsdp with a 4-bit base is not supported; drop --fsdp or --quantize/--method qlora")
+    # A 4-bit base (QLoRA, --quantize) is sharded like any other: FSDP2 splits each layer's
+    # packed uint8 codes along dim 0 into plain tensors and gathers them back for the block's
+    # forward and backward, casting nothing (integer parameters are left out of mixed
+    # precision). What does not travel is the Params4bit's quantization state (block scales,
+    # their double-quantized scales, the code book: tensors that are not parameters, kept whole
+    # on every process, 1/64 byte a weight with double quantization). bitsandbytes' forward
+    # rebuilds the gathered weight's state from the layer's `quant_state`, which `quant.settle`
+    # keeps there. Settling here also turns the AVX512-BF16 CPU repack off once more and
+    # unpacks a layer packed earlier (the rebuild assumes the portable layout), while the
+    # weights are still whole.
+    peftkit.quant.settle_all(model)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:

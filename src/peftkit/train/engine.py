@@ -34,6 +34,8 @@ from .. import ConfigError, ModelError
 from . import checkpoint, distributed, rundir
 from .data import HOLDOUT_FRACTION
 from .distributed import World
+from .. import eva, optim
+from ..methods import lora_init
 from .loop import ShardOrder, make_optimizer, make_schedule, seed_everything
 from .methods import build_config, describe
 from .models import BUILTIN
@@ -46,6 +48,7 @@ from .tasks import make_task
 ADAPTER = "default"
 OPTIONS_FILE = "options.json"  # the run's options, for --resume
 BEST_DIR = "best"
+EVA_MAX_BATCHES = 200  # --init eva: forward passes at most before EVA settles for what it has (a warning)
 
 
 
@@ -124,6 +127,7 @@ class Engine:
         console.essential(f"output: {self.out}" + (f" (resuming from {ckpt.name})" if ckpt else ""))
         self.task: Task = make_task(o)
         self._check_options()
+        self._resume_ckpt = ckpt  # an EVA adapter is rebuilt from it (_init_adapter)
         self.setup = self._build()
         if ckpt is not None:
             self._restore(ckpt)
@@ -160,6 +164,7 @@ class Engine:
 
     def _check_options(self) -> None:
         o = self.options
+        build_config(o)  # the method's own values (--init, an even --r for orthogonal) before anything is loaded
         if o.bf16 and self.world.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--bf16: this GPU does not support bfloat16; drop --bf16")
         method = CLI_METHODS[o.method][0]
@@ -171,10 +176,14 @@ class Engine:
             raise ConfigError(f"--gradient-checkpointing recomputes the layers without their key/value cache, "
                               f"which --method {o.method} needs; drop one of --gradient-checkpointing and "
                               f"--method {o.method}")
+        if o.lora_fa and o.fsdp:
+            raise ConfigError("--lora-fa with --fsdp is not supported (the projection needs whole A matrices); "
+                              "drop one of them")
+        if o.lora_fa and o.loraplus_lr_ratio is not None:
+            raise ConfigError("--lora-fa freezes A, so --loraplus-lr-ratio would only raise B's learning rate "
+                              "over the head's; drop one of them (or raise --lr)")
         if o.save_limit is not None and o.save_steps is None:
             raise ConfigError("--save-limit keeps the most recent checkpoints; set --save-steps N to write them")
-        if o.fsdp and o.quant_type:
-            raise ConfigError("--fsdp with a 4-bit base is not supported; drop --fsdp or --quantize/--method qlora")
         if o.early_stopping is not None and o.eval_steps is None and o.epochs < 2 and o.max_steps is None:
             raise ConfigError("--early-stopping counts evaluations; with one epoch and no --eval-steps there is "
                               "only one: set --eval-steps N")
@@ -184,10 +193,14 @@ class Engine:
         data = self.task.load_data()
         seed_everything(o.seed)  # before the model: a new head's weights and LoRA's A draw from it
         model, model_path = self.task.load_model(data, world.device)
-        if o.quant_type:
-            peftkit.quantize(model, quant_type=o.quant_type)
         config = build_config(o, self.task.peft_task_type, self.task.modules_to_save)
+        late = bool(o.quant_type) and lora_init.quantizes_after(config)  # PiSSA/LoftQ: quantize what the init wrote
+        if o.quant_type and not late:
+            peftkit.quantize(model, quant_type=o.quant_type)
         peftkit.apply(model, config)
+        if late:
+            lora_init.quantize_base(model, quant_type=o.quant_type)
+        self._init_adapter(model, data, config)
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         summary = peftkit.trainable_summary(model)
@@ -213,12 +226,15 @@ class Engine:
             raise ConfigError("no training batches: the training data is empty")
         s = Setup(data, model, module, model_path, train_loader, eval_loader, order,
                   [p for p in module.parameters() if p.requires_grad])
-        self.optimizer = make_optimizer([(n, p) for n, p in module.named_parameters() if p.requires_grad],
-                                        o.lr, o.weight_decay)
+        self.optimizer = make_optimizer(  # LoRA+'s B and LoRA-FA's projection from the (wrapped) units
+            [(n, p) for n, p in module.named_parameters() if p.requires_grad], o.lr, o.weight_decay,
+            rates=optim.lora_plus_rates(model, o.lr, o.loraplus_lr_ratio, names=ADAPTER) if o.loraplus_lr_ratio else None,
+            projections=optim.lora_fa_projections(model, ADAPTER) if o.lora_fa else None)
         self.micro_per_epoch = -(-order.per_process() // o.batch_size)
         self.steps_per_epoch = -(-self.micro_per_epoch // o.grad_accum)
         self.total = o.max_steps if o.max_steps is not None else o.epochs * self.steps_per_epoch
         self.scheduler = make_schedule(o.scheduler, self.optimizer, int(self.total * o.warmup_ratio), self.total)
+        self.base_lrs = list(self.scheduler.base_lrs)  # each group's peak rate under these options (_override_lr)
         self.hooks = CLI_METHODS[o.method][0].training  # what the method needs from the loop (registry)
         if self.hooks.begin is not None:
             self.hooks.begin(model, ADAPTER, self.total)
@@ -228,6 +244,32 @@ class Engine:
                      f"{o.grad_accum} accumulated x {world.size} processes), lr {o.lr:g} {o.scheduler}"
                      + (", bf16 autocast" if o.bf16 else "") + (", gradient checkpointing" if o.gradient_checkpointing else ""))
         return s
+
+    def _init_adapter(self, model: nn.Module, data: TaskData, config: Any) -> None:
+        """What the adapter needs after ``peftkit.apply``: EVA's A from the data
+        (``init_lora_weights="eva"``; on ``--resume`` the checkpoint's layout and tensors instead,
+        so the ranks cannot come out otherwise), then LoRA-FA's frozen A (``--lora-fa``)."""
+        o = self.options
+        if getattr(config, "init_lora_weights", None) == "eva":
+            ckpt = getattr(self, "_resume_ckpt", None)
+            if ckpt is not None:
+                eva.rebuild_from_file(model, ckpt / checkpoint.ADAPTER_DIR, ADAPTER)
+            else:
+                t = time.time()
+                # epoch 0's batches in the training order, the same on every process (no global RNG)
+                loader = DataLoader(data.train, batch_size=o.batch_size, collate_fn=data.collate,
+                                    sampler=ShardOrder(len(data.train), o.seed, shuffle=True),
+                                    generator=torch.Generator())
+                found = eva.get_eva_state_dict(model, loader, ADAPTER, forward_fn=self.task.loss_sum,
+                                               max_batches=EVA_MAX_BATCHES)
+                found = distributed.gather_objects(self.world, {k: v.cpu() for k, v in found.items()})[0]
+                eva.load_eva_state_dict(model, found, ADAPTER)
+                ranks = [v.shape[0] for v in found.values()]
+                self.console.info(f"EVA: {len(ranks)} layers initialised from the data in {time.time() - t:.1f} s; "
+                                  f"ranks {min(ranks)}-{max(ranks)} (sum {sum(ranks)})"
+                                  + (f", {ranks.count(0)} layer(s) dropped (rank 0)" if 0 in ranks else ""))
+        if o.lora_fa:
+            optim.freeze_lora_a(model, ADAPTER)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -443,14 +485,14 @@ class Engine:
     def _override_lr(self) -> None:
         """After restoring a checkpoint: ``--resume --lr`` changes the peak rate of the schedule
         from here on (the current rate scaled with it; the schedule's shape stays)."""
-        new = self.options.lr
+        fresh = self.base_lrs  # each group's peak under the current options (LoRA+'s B: ratio x --lr)
         saved = list(self.scheduler.base_lrs)
-        if all(base == new for base in saved):
+        if saved == fresh:
             return
-        for group, base in zip(self.optimizer.param_groups, saved):
-            group["lr"] = group["lr"] * new / base
-            group["initial_lr"] = new
-        self.scheduler.base_lrs = [new] * len(saved)
+        for group, base, peak in zip(self.optimizer.param_groups, saved, fresh):
+            group["lr"] = group["lr"] * peak / base
+            group["initial_lr"] = peak
+        self.scheduler.base_lrs = list(fresh)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _finish_adapter(self) -> tuple[dict[str, Any], int]:

@@ -1,4 +1,5 @@
-"""The pieces of the training loop: seeding, AdamW, learning-rate schedules, the data order.
+"""The pieces of the training loop: seeding, AdamW (LoRA+'s groups, LoRA-FA's projection), learning-rate
+schedules, the data order.
 
 The loop itself is ``engine.Engine.fit``; what is here has no state beyond its arguments.
 """
@@ -14,6 +15,7 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 
 from .. import ConfigError
+from ..optim import LoraFAAdamW, grouped
 
 
 def seed_everything(seed: int) -> None:
@@ -28,12 +30,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA devices too
 
 
-def make_optimizer(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (biases, norms, scales) do not."""
-    decay = [p for _, p in named if p.ndim >= 2]
-    rest = [p for _, p in named if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+def make_optimizer(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                   rates: dict[int, float] | None = None,
+                   projections: list[tuple[nn.Parameter, torch.Tensor, float]] | None = None) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (biases, norms, scales) do not.
+
+    ``rates`` (``id(parameter) -> lr``): parameters with their own learning rate, in groups of
+    their own after the two above (LoRA+'s B at ratio × lr: ``optim.lora_plus_rates``); the
+    schedule scales every group alike. ``projections``: LoRA-FA's ``(B, A, s)``; B's gradient is
+    projected before each step (``optim.LoraFAAdamW``, AdamW's state otherwise)."""
+    groups = grouped(named, lr, weight_decay, rates)
+    if projections:
+        return LoraFAAdamW(groups, projections=projections, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def _warmup(step: int, warmup: int) -> float:

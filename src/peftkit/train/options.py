@@ -52,10 +52,13 @@ class TrainOptions:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: str | list[str] | None = None  # None: the method's default for the model type
+    init: str | None = None  # lora/dora/qlora: how A and B start (--init; None: LoRA's default)
     epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 16
     lr: float = 2e-3
+    loraplus_lr_ratio: float | None = None  # lora/dora/qlora: LoRA+, B at this times --lr (None: off)
+    lora_fa: bool = False  # lora/dora/qlora: LoRA-FA, A frozen at init, B's gradient projected
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_length: int = 64
@@ -106,6 +109,8 @@ class TrainOptions:
             fail("seed", "a non-negative integer", self.seed)
         if not self.lr > 0:
             fail("lr", "a positive number", self.lr)
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            fail("loraplus_lr_ratio", "a positive number (B's learning rate over A's)", self.loraplus_lr_ratio)
         if not self.alpha > 0:
             fail("alpha", "a positive number", self.alpha)
         for name in ("dropout", "warmup_ratio"):
@@ -131,8 +136,8 @@ class TrainOptions:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
 _INT_FIELDS = {"r", "virtual_tokens", "epochs", "max_steps", "batch_size", "max_length", "seed", "grad_accum",
                "eval_steps", "save_steps", "save_limit", "early_stopping", "nproc"}
-_FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay", "max_grad_norm"}
-_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device", "quantize", "task", "scheduler"}
+_FLOAT_FIELDS = {"alpha", "dropout", "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "loraplus_lr_ratio"}
+_STR_FIELDS = {"model", "data", "eval_data", "method", "out", "device", "quantize", "task", "scheduler", "init"}
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(TrainOptions) if f.type in ("bool", bool)}
 
 
@@ -181,7 +186,7 @@ ALIASES = {
     "model_name_or_path": "model", "base_model": "model", "train_file": "data", "dataset": "data",
     "validation_file": "eval_data", "eval_file": "eval_data", "max_seq_length": "max_length",
     "lora_r": "r", "rank": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "target_modules": "targets", "num_virtual_tokens": "virtual_tokens", "peft_type": "method",
+    "target_modules": "targets", "init_lora_weights": "init", "num_virtual_tokens": "virtual_tokens", "peft_type": "method",
     "save_total_limit": "save_limit", "early_stopping_patience": "early_stopping", "max_norm": "max_grad_norm",
     "load_in_4bit": "quantize", "bnb_4bit_quant_type": "quantize", "fp16": "bf16",
 }
