@@ -20,7 +20,9 @@ P-tuning (HF PEFT cannot run prefix tuning for classification with transformers 
 
 The second command measures the weight-side methods: ``dora``, ``ia3``, ``adapter`` (Houlsby
 bottleneck adapters, peftkit only), ``qlora`` (LoRA over the encoder quantized to NF4 by
-``peftkit.quantize``, peftkit only) and ``full`` (full fine-tuning, no library).
+``peftkit.quantize``, peftkit only), ``qlora_loftq`` (the same QLoRA started from LoftQ: the
+adapter fitted on the float weights, then the base stored in NF4) and ``full`` (full
+fine-tuning, no library).
 
 Each run appends one JSON line (method, library, seed, accuracy, seconds); the summary (mean
 and standard deviation over seeds) is printed at the end and can be re-printed with
@@ -51,7 +53,7 @@ BUCKET = 50  # batches per length-sorted bucket
 
 # method -> learning rate (the CLI's defaults for these methods are the same numbers)
 LR = {"prompt": 1e-1, "ptuning": 1e-2, "prefix": 3e-2, "lora": 2e-3}
-LR.update({"qlora": LR["lora"], "dora": 2e-3, "ia3": 1e-2, "adapter": 1e-3, "full": 5e-5})  # the weight-side methods
+LR.update({"qlora": LR["lora"], "qlora_loftq": LR["lora"], "dora": 2e-3, "ia3": 1e-2, "adapter": 1e-3, "full": 5e-5})  # the weight-side methods
 LR.update({"loha": 1e-2, "lokr": 2e-2, "ln_tuning": 1e-2})  # the CLI's defaults for these families
 LR.update({"vera": 5e-2, "oft": 5e-3, "adalora": 2e-2})
 ADALORA_STEPS = SUBSET // 32  # its schedule's total_step: one epoch at the default --batch 32
@@ -84,6 +86,9 @@ def configs(method: str, library: str):
     if method in ("lora", "dora", "qlora"):
         return lib.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], use_dora=method == "dora",
                               **lora_extra)
+    if method == "qlora_loftq":  # QLoRA started from LoftQ (one alternation, 4 bits), peftkit only
+        return lib.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights="loftq",
+                              loftq_config={"loftq_bits": 4, "loftq_iter": 1}, **lora_extra)
     if method == "ia3":  # the model type's default targets (key, value, output.dense) in both libraries
         return lib.IA3Config(**lora_extra)
     if method in ("loha", "lokr"):  # r 8, alpha 16 on query/value, as LoRA above
@@ -124,6 +129,10 @@ def build(method: str, library: str, seed: int):
         if method == "qlora":  # the encoder's linear layers in 4-bit NF4; the new head stays float
             peftkit.quantize(model)
         peftkit.apply(model, configs(method, library))
+        if method == "qlora_loftq":  # LoftQ fits on the float weights; then the base is stored in 4 bits
+            from peftkit.methods.lora_init import quantize_base
+
+            quantize_base(model)
         return model
     import peft
 
