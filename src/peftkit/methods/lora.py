@@ -427,21 +427,47 @@ class DoraLinear(LoraLinear):
         return (w.t() if self.transposed else w).to(self.lora_A.dtype)
 
     def _norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """‖W + s·BA‖ per output feature, detached."""
-        return (weight + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+        """‖W + s·BA‖ per output feature, detached (no graph is built for it)."""
+        with torch.no_grad():
+            return (weight + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1)
+
+    def _scale(self) -> torch.Tensor:
+        """m / ‖W + s·BA‖, (out,). At inference the ratio is kept until one of its inputs changes
+        (their ``_version``s and identities), so an eval forward does not rebuild W + s·BA."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.lora_magnitude_vector / self._norm(self._base_weight())
+        sources = (self.lora_A, self.lora_B, self.lora_magnitude_vector, self._base.weight)
+        key = (tuple((id(t), t._version) for t in sources), float(self.scaling))
+        cached = self.__dict__.get("_scale_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.lora_magnitude_vector.detach() / self._norm(self._base_weight()))
+            self.__dict__["_scale_cache"] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        weight = self._base_weight()
-        scale = self.lora_magnitude_vector / self._norm(weight)  # (out,)
+        scale = self._scale()  # (out,)
         h = self.dropped(x)
         if h.dtype != self.lora_A.dtype:
             h = h.to(self.lora_A.dtype)
+        if self.dropout is None and out.dtype == h.dtype:
+            # W' x + b = sc ⊙ (W x + s·BAx) + b = sc ⊙ (out + s·BAx) + (1 − sc) ⊙ b: one fused
+            # multiply-add for the update and one pass over the output, which is all autograd keeps.
+            low = h.reshape(-1, h.shape[-1]) @ self.lora_A.t()
+            if isinstance(self.scaling, torch.Tensor):
+                low, alpha = low * self.scaling, 1.0
+            else:
+                alpha = self.scaling
+            y = torch.addmm(out.reshape(-1, out.shape[-1]), low, self.lora_B.t(), alpha=alpha)
+            bias = self._base.bias
+            if bias is None:
+                return (y * scale).view(out.shape)
+            return torch.addcmul((1 - scale) * bias.to(y.dtype), y, scale).view(out.shape)
         lora = (h @ self.lora_A.t()) @ self.lora_B.t()  # (..., out)
         if self.dropout is None:
             bias = self._base.bias
             base_out = out.to(lora.dtype) - (bias.to(lora.dtype) if bias is not None else 0)
-        else:
-            base_out = F.linear(h, weight)
+        else:  # with dropout the base term is recomputed on the dropped input, as HF PEFT does
+            base_out = F.linear(h, self._base_weight())
         return out + ((scale - 1) * base_out + scale * lora * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -457,7 +483,7 @@ class DoraLinear(LoraLinear):
     def mix_terms(self) -> MixTerms:
         """In eval mode DoRA's output is ``sc ⊙ (out + s·BAx) + (1 − sc) ⊙ bias``, sc = m / ‖W + s·BA‖."""
         with torch.no_grad():
-            scale = self.lora_magnitude_vector / self._norm(self._base_weight())
+            scale = self._scale()
             bias = self._base.bias
             shift = None if bias is None else (1 - scale) * bias.to(scale.dtype)
         return MixTerms("linear", a=self.lora_A.detach(), b=(self.lora_B * self.scaling).detach(),
