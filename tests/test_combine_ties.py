@@ -241,3 +241,21 @@ def test_combine_merge_errors():
     with pytest.raises(peftkit.ConfigError, match="equal ranks"):
         peftkit.combine(_two_loras(r=(2, 4)), ["a", "b"], [1.0, 1.0], "x", how="ties", density=0.5)
     peftkit.combine(_two_loras(r=(2, 4)), ["a", "b"], [1.0, 1.0], "x", how="ties_svd", density=0.5)  # any ranks
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"trainable_token_indices": [1, 2], "target_modules": ["q_proj"]}, "trainable_token_indices"),
+])
+def test_adapters_that_are_more_than_low_rank_updates_are_refused(fields, named) -> None:
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LoraConfig(r=2, init_lora_weights=False), name="plain")
+    peftkit.apply(model, peftkit.LoraConfig(r=2, **{"target_modules": None, **fields}), name="special")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(peftkit.ConfigError, match=rf"adapter 'special' cannot combine: it uses {named}"):
+        peftkit.combine(model, ["plain", "special"], [1.0, 1.0], "both")
+    assert "both" not in peftkit.state.get_state(model).configs
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

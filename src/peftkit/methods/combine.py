@@ -164,6 +164,20 @@ def _combined_pair(units: list[LoraUnit], weights: list[float], how: str, svd_ra
     return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
 
 
+def _not_plain(config: LoraConfig) -> str:
+    """The fields that make a LoRA adapter more than low-rank updates against its base ('' if none)."""
+    from . import lora_init
+
+    found = []
+    if lora_init.modifies_base(config.init_lora_weights):
+        found.append(f"init_lora_weights={config.init_lora_weights!r} (its base holds a residual)")
+    for field, off in (("lora_bias", False), ("trainable_token_indices", None), ("target_parameters", None),
+                       ("layer_replication", None)):
+        if getattr(config, field, off) not in (off, [], {}):
+            found.append(field)
+    return ", ".join(found)
+
+
 def combine(model: nn.Module, names: list[str], weights: list[float], new_name: str, how: str = "cat",
             svd_rank: int | None = None, density: float | None = None, majority_sign_method: str = "total",
             generator: torch.Generator | None = None, svd_clamp: float | None = None) -> nn.Module:
@@ -192,6 +206,10 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
     for n, c in zip(names, configs):
         if not isinstance(c, LoraConfig) or c.use_dora:
             raise ConfigError(f"adapter {n!r} is not a plain LoRA adapter ({c.peft_type}); only LoRA adapters combine")
+        extra = _not_plain(c)
+        if extra:
+            raise ConfigError(f"adapter {n!r} cannot combine: it uses {extra}, which a combined plain LoRA adapter "
+                              "cannot carry (only low-rank updates against the untouched base combine)")
 
     def merge(kind: str, tensors: list[torch.Tensor], ws: list[float]) -> torch.Tensor:
         return merge_tensors(kind, tensors, ws, density, majority_sign_method, generator)
