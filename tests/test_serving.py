@@ -402,3 +402,16 @@ def test_a_hotswap_under_a_compiled_mixed_batch_recompiles_nothing(tmp_path) -> 
     torch.testing.assert_close(after[1:2], row_by_row(fresh.eval(), {k: v[1:2] for k, v in inputs.items()}, ["default"]),
                                atol=1e-5, rtol=1e-5)
     dynamo.reset()
+
+
+def test_an_adapter_that_rewrote_the_base_serves_only_its_own_rows() -> None:
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LoraConfig(r=2, init_lora_weights=False), name="plain")
+    peftkit.apply(model, peftkit.LoraConfig(r=2, init_lora_weights="pissa"), name="pissa")
+    model.eval()
+    inputs = model_inputs("llama", batch=2)
+    for names in (["pissa", "plain"], ["pissa", BASE], ["plain", BASE]):
+        with pytest.raises(peftkit.ConfigError, match=r"adapter\(s\) 'pissa' replaced the base weights by a residual"):
+            model(**inputs, adapter_names=names)
+    torch.testing.assert_close(mixed(model, inputs, ["pissa", "pissa"]), row_by_row(model, inputs, ["pissa", "pissa"]),
+                               atol=1e-5, rtol=1e-5)

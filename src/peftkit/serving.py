@@ -354,12 +354,28 @@ def begin(model: nn.Module, state: Any, args: tuple, kwargs: dict) -> tuple[tupl
             mixes = [(host, _mix_for(host, path, plan, router)) for path, host in _hosts(model, state)]
     else:
         plan = Plan(names, device)
+        _check_bases(plan, state)
         mixes = [(host, _mix_for(host, path, plan, router)) for path, host in _hosts(model, state)]
     router._last = (key, (plan, mixes))
     router.plan = plan
     for host, mix in mixes:
         host._mix = mix
     return args, kwargs
+
+
+def _check_bases(plan: Plan, state: Any) -> None:
+    """A loaded adapter whose init rewrote the base weights (PiSSA, OLoRA, LoftQ: the base holds a
+    residual) serves only its own rows: every other row would run over that residual."""
+    from .methods import lora_init
+
+    rewritten = [n for n, c in state.configs.items() if lora_init.modifies_base(getattr(c, "init_lora_weights", None))]
+    others = [n for n in plan.slots if n not in rewritten] + ([BASE] if plan.rows_of[0] is not None else [])
+    if rewritten and (others or len(plan.slots) > 1):
+        raise ConfigError(f"adapter_names=: adapter(s) {', '.join(map(repr, rewritten))} replaced the base weights "
+                          f"by a residual (init_lora_weights {', '.join(repr(state.configs[n].init_lora_weights) for n in rewritten)}); "
+                          f"rows of {', '.join(map(repr, others or plan.slots))} would run over it. Serve such an "
+                          "adapter alone, or save it converted to a plain LoRA (peftkit.save(..., plain_lora=True)) "
+                          "and load that")
 
 
 def end(model: nn.Module, state: Any) -> None:
