@@ -415,3 +415,16 @@ def test_an_adapter_that_rewrote_the_base_serves_only_its_own_rows() -> None:
             model(**inputs, adapter_names=names)
     torch.testing.assert_close(mixed(model, inputs, ["pissa", "pissa"]), row_by_row(model, inputs, ["pissa", "pissa"]),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_inference_under_bf16_autocast_runs_and_stays_close_to_float32() -> None:
+    model = weight_adapters(tiny_llama(), "llama")
+    peftkit.set_active(model, "wide")
+    inputs = model_inputs("llama", batch=3)
+    names = ["wide", "rs", BASE]
+    with torch.no_grad():
+        plain, mix = model(**inputs).logits, model(**inputs, adapter_names=names).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # in-place adds must not meet autocast's dtypes
+            plain16, mix16 = model(**inputs).logits, model(**inputs, adapter_names=names).logits
+    torch.testing.assert_close(plain16.float(), plain, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(mix16.float(), mix, atol=0.1, rtol=0.05)

@@ -200,7 +200,8 @@ class LayerMix:
             x3 = x3.to(self.a.dtype)
         out3 = out.view(batch, -1, out.shape[-1])
         tokens = x3.shape[1]
-        fused = out.dtype == self.a.dtype and not torch.is_grad_enabled()  # add into the base output in place
+        fused = (out.dtype == self.a.dtype and not torch.is_grad_enabled()  # add into the base output in place
+                 and not torch.is_autocast_enabled(out.device.type))  # (autocast casts no in-place op's operands)
         if self.path(plan, tokens, x3.shape[-1], out3.shape[-1]) == "per_row":
             bt = self.bt.index_select(0, plan.row_slot)  # (B, r, out)
             h = torch.bmm(x3, self.a.index_select(0, plan.row_slot))  # (B, T, r)

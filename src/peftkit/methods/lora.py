@@ -289,9 +289,10 @@ class LoraLinear(LoraUnit):
                 h, alpha = h * self.scaling, 1.0
             else:
                 alpha = self.scaling
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and not torch.is_autocast_enabled(out.device.type):
                 # Inference: add into the base layer's fresh output. A new (N, out) tensor would cost
-                # more than the update itself (on the CPU, 10-30 % of a large layer's time).
+                # more than the update itself (on the CPU, 10-30 % of a large layer's time). Not
+                # under autocast, which casts addmm's operands but not an in-place addmm_'s.
                 return out2d.addmm_(h, self.lora_B.t(), alpha=alpha).view(out.shape)
             return torch.addmm(out2d, h, self.lora_B.t(), alpha=alpha).view(out.shape)
         return (out2d + (h @ self.lora_B.t() * self.scaling).to(out.dtype)).view(out.shape)

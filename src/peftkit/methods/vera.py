@@ -226,7 +226,8 @@ class VeraLinear(DeltaUnit):
         up = vera_b * self.vera_lambda_b.unsqueeze(1)  # Λ_b B: (out, r), cheaper than scaling (N, out)
         out2d = out.reshape(-1, out.shape[-1])
         if out2d.dtype == h.dtype:
-            if not torch.is_grad_enabled():  # inference: into the base output, no new (N, out) tensor
+            if not torch.is_grad_enabled() and not torch.is_autocast_enabled(out.device.type):  # inference, no autocast:
+                # into the base output, no new (N, out) tensor
                 return out2d.addmm_(h, up.t()).view(out.shape)
             return torch.addmm(out2d, h, up.t()).view(out.shape)
         return (out2d + (h @ up.t()).to(out.dtype)).view(out.shape)
