@@ -88,7 +88,12 @@ def run_training(options: TrainOptions, console: Console, resume: bool = False) 
     world = distributed.setup(options.device)
     try:
         engine = Engine(options, console if world.main else Console(silent=True), world)
-        return engine.run(resume)
+        result = engine.run(resume)
+        # Leave together: rank 0 writes the run's last files after the others are done, and a
+        # process group torn down while a peer still holds it can leave that peer waiting (seen
+        # once in 2-process CI runs). On an error no barrier: the process exits and torchrun ends the rest.
+        distributed.barrier(world)
+        return result
     finally:
         distributed.teardown(world)
 
