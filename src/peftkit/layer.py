@@ -122,6 +122,8 @@ class AdapterLayer(NamedAdapters):
         self._pre = tuple(u for u in reversed(run) if u.acts_on_input)
         self._replace = run[0] if run and run[0].replaces_base else None
         self._post = run[1:] if self._replace is not None else run
+        lone = self._post[0] if len(self._post) == 1 and not self._pre and self._replace is None else None
+        self._fused = (lone,) if lone is not None and lone.fuses_base else ()  # a tuple: not a registered child
 
     # -- merging ----------------------------------------------------------------------------
     def mergeable_check(self) -> None:
@@ -169,6 +171,10 @@ class AdapterLayer(NamedAdapters):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._mix is not None:  # a mixed-adapter batch: each row its own adapter (serving)
             return self._mix.run(self, x, args, kwargs)
+        if self._fused and not args and not kwargs:
+            out = self._fused[0].with_base(x, self.base_layer)
+            if out is not None:
+                return out
         if self._replace is not None:
             if args or kwargs:  # a replacing unit computes from the input alone (norm layers take nothing else)
                 raise ModelError(f"{type(self._replace).__name__} replaces {type(self.base_layer).__name__}, "

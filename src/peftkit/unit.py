@@ -41,6 +41,12 @@ class Unit(nn.Module):
     mergeable: ClassVar[bool] = False
     runs_first: ClassVar[bool] = False
     replaces_base: ClassVar[bool] = False
+    # The unit can compute the whole layer (base and itself) in one step when it is the layer's
+    # only running unit: ``with_base`` returns that output, or None to take the plain path.
+    fuses_base: ClassVar[bool] = False
+
+    def with_base(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        return None
 
     def adjust_input(self, x: torch.Tensor) -> torch.Tensor:
         return x

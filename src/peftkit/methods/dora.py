@@ -30,6 +30,7 @@ from .lora import LoraLinear
 class DoraLinear(LoraLinear):
     delta_reads_base = True  # the norm is taken of W + s·BA
     runs_first = True  # it rescales the base layer's own output (layer.Unit's composition rule)
+    fuses_base = False  # its own fused path (forward) rescales the base output
 
     def __init__(self, base: nn.Module, transposed: bool, **lora) -> None:
         if isinstance(base, nn.Linear):  # also a 4-bit Linear, whose packed weight has another shape

@@ -39,7 +39,7 @@ from ..layer import DeltaUnit
 from ..unit import MixTerms, adapter_factory
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
-from . import lora_init
+from . import lora_fused, lora_init
 from .. import param_lora, replication, tokens  # trainable_token_indices, target_parameters, layer_replication
 
 INIT_CHOICES = (True, False, "gaussian", "eva")  # "eva": A from the data (peftkit.eva), B = 0
@@ -260,7 +260,11 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str | None, r: int
 
 
 class LoraLinear(LoraUnit):
-    """For ``nn.Linear`` and transformers' ``Conv1D`` (``transposed``: weight is (in, out))."""
+    """For ``nn.Linear`` and transformers' ``Conv1D`` (``transposed``: weight is (in, out)).
+
+    Training over a frozen dense base runs as one autograd node (``lora_fused``)."""
+
+    fuses_base = True
 
     def __init__(self, in_features: int, out_features: int, transposed: bool, r: int, alpha: float,
                  dropout: float, rslora: bool, init: bool | str | None, factory: dict, *,
@@ -274,6 +278,11 @@ class LoraLinear(LoraUnit):
         if start is not None:  # (A, B, base_change) of a data-driven init (lora_init)
             self.begin(*start)
         self._add_bias(base, lora_bias, out_features, r, init, factory)
+
+    def with_base(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        if not lora_fused.fusable(base, x, self.lora_A, self.scaling, self.lora_B_bias is not None):
+            return None
+        return lora_fused.lora_dense(x, self.dropped(x), base, self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = self.dropped(x)
