@@ -18,6 +18,12 @@ there:
 
 The task then says how to build its base model (``build(source)``) and the adapter is loaded
 into it (``peftkit.load``: keys and shapes checked, errors naming the key).
+
+A full fine-tuning run (``--method full``) has no adapter: its ``model/`` (or the run directory
+holding it) resolves to a ``Source`` with ``full`` set whose ``model_path`` is that directory, so
+the task's ``build(source)`` loads the trained model itself and nothing is loaded into it; its
+task and labels come from its ``train_args.json`` and ``labels.json`` as an adapter's do. It
+cannot be merged (``Source.check_mergeable``): it is a whole model already.
 """
 
 from __future__ import annotations
@@ -121,6 +127,9 @@ class Source:
     task_from: str  # "train_args.json", "task_type SEQ_CLS", ...
     allow_pickle: bool = False
     _labels: Labels | None = field(default=None, repr=False)
+    # a full fine-tuning run's model directory: ``adapter_dir`` and ``model_path`` are both that
+    # directory, ``config`` is None, ``weights``/``shapes`` its safetensors
+    full: bool = False
 
     def labels(self) -> Labels:
         """The label mapping (classification tasks), worked out once."""
@@ -129,8 +138,17 @@ class Source:
         return self._labels
 
     def line(self) -> str:
+        if self.full:
+            return (f"model: {self.adapter_dir} (full fine-tuning of {self.args.get('model')}; {self.task}, from "
+                    f"{self.task_from})")
         return (f"adapter: {self.adapter_dir} ({self.task}, from {self.task_from}); base model: {self.model_path} "
                 f"(from {self.model_from})")
+
+    def check_mergeable(self) -> None:
+        """``ConfigError`` for a full fine-tuning run: there is no adapter to fold in."""
+        if self.full:
+            raise ConfigError(f"{self.adapter_dir}: a full fine-tuning run's model is already a whole model "
+                              f"(load it with transformers' from_pretrained); there is no adapter to merge")
 
 
 def resolve(adapter: str | os.PathLike | Source, model: str | None = None, allow_pickle: bool = False) -> Source:
@@ -139,12 +157,29 @@ def resolve(adapter: str | os.PathLike | Source, model: str | None = None, allow
     if isinstance(adapter, Source):
         return adapter
     adapter_dir = rundir.find_adapter_dir(adapter)
+    if rundir.is_full_model_dir(adapter_dir):
+        return _resolve_full(adapter_dir, model)
     config = peftkit.read_config(adapter_dir)  # a bad adapter is reported before anything else
     weights, shapes = rundir.read_weights(adapter_dir, allow_pickle)
     args = rundir.read_train_args(adapter_dir)
     model_path, model_from = base_model_path(adapter_dir, config, args, model)
     task, task_from = task_of(adapter_dir, config, args, model_path)
     return Source(adapter_dir, config, args, weights, shapes, model_path, model_from, task, task_from, allow_pickle)
+
+
+def _resolve_full(model_dir: Path, model: str | None) -> Source:
+    """A full run's model directory, checked: weights readable, a task in ``train_args.json``."""
+    if model:
+        raise ConfigError(f"--model {model}: {model_dir} is a full fine-tuning run's model, a whole model with no "
+                          "base to give; drop --model")
+    weights, shapes = rundir.read_model_weights(model_dir)
+    args = rundir.read_train_args(model_dir)
+    if not args.get("task"):
+        raise AdapterFileError(f"{model_dir / rundir.ARGS_FILE}: names no task (a full run's model directory "
+                               "records the task it was trained for)")
+    task, task_from = task_of(model_dir, None, args, str(model_dir))
+    return Source(model_dir, None, args, weights, shapes, str(model_dir), "the run's model", task, task_from,
+                  full=True)
 
 
 def base_model_path(adapter_dir: Path, config: Any, args: dict[str, Any], model: str | None) -> tuple[str, str]:
@@ -226,7 +261,8 @@ def saved_head(model_path: str, shapes: dict[str, tuple[int, ...]], task: str) -
         return None
     for name, param in probe.named_parameters():
         if param.dim() >= 1 and param.shape[0] == _PROBE_LABELS:
-            for prefix in ("base_model.model.", "base_model."):  # weight-side methods; prompt methods
+            # weight-side methods; prompt methods; a full run's whole model
+            for prefix in ("base_model.model.", "base_model.", ""):
                 shape = shapes.get(prefix + name)
                 if shape:
                     return prefix + name, int(shape[0])
@@ -288,6 +324,9 @@ def load_adapted(adapter: str | os.PathLike | Source, model: str | None, device:
     """
     source = resolve(adapter, model, allow_pickle)
     base = build(source)
+    if source.full:  # build() loaded the trained model itself (source.model_path is its directory)
+        base.eval()
+        return Adapted(base, source.args, source.adapter_dir, source.model_path, source)
     run = source.args.get("options") if isinstance(source.args.get("options"), dict) else {}
     quant_type = base_quant_type(run.get("method"), run.get("quantize")) or ("nf4" if quantized else None)
     from ..methods import lora_init
@@ -319,6 +358,8 @@ def eval_data_of(args: dict[str, Any], data: str | None, default: str | None = N
 
 def merged_model(adapted: Adapted, console: Any) -> torch.nn.Module:
     """The adapter folded into its base: a plain (dense) transformers model, merge error reported."""
+    if adapted.source is not None:
+        adapted.source.check_mergeable()
     report = peftkit.merge(adapted.model)
     console.info(str(report))
     return peftkit.quant.dequantize(peftkit.unload(adapted.model, merge=True))

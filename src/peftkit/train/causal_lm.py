@@ -130,7 +130,7 @@ class CausalLMTask(Task):
         if not o.data:
             raise ConfigError("--task causal-lm needs --data: a JSONL file with 'prompt'/'response', 'messages' "
                               "or 'text' on each line (there is no bundled causal-LM data set)")
-        if o.packing and CLI_METHODS[o.method][0].input_method:
+        if o.packing and o.method in CLI_METHODS and CLI_METHODS[o.method][0].input_method:  # not full
             raise ConfigError(f"--packing does not work with --method {o.method}: the virtual tokens need a 2-D "
                               "attention mask, and packed rows use a block-diagonal 4-D one")
         tokenizer = self._tokenizer()

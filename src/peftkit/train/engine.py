@@ -4,6 +4,9 @@
 to bottom: optimizer steps over windows of ``--grad-accum`` micro-batches, evaluation every
 ``--eval-steps`` steps (or every epoch), a checkpoint every ``--save-steps`` steps, early
 stopping, and at the end the adapter (the last one, or with ``--keep-best`` the best evaluated).
+``--method full`` trains the model itself instead, through the same loop: no adapter is applied,
+every parameter trains, and ``model/`` (a whole transformers model) takes the place of
+``adapter/`` (``full.py`` has what differs).
 
 A step's loss is the sum of the window's per-item losses over every process divided by the
 number of items (``Task.count``) in the whole window on every process, so gradient accumulation
@@ -31,15 +34,16 @@ from torch.utils.data import DataLoader, Dataset
 import peftkit
 
 from .. import ConfigError, ModelError
-from . import checkpoint, distributed, rundir
+from . import checkpoint, distributed, full, rundir
 from .data import HOLDOUT_FRACTION
 from .distributed import World
 from .. import eva, optim
+from ..registry import TrainingHooks
 from ..methods import lora_init
 from .loop import ShardOrder, make_optimizer, make_schedule, seed_everything
 from .methods import build_config, describe
 from .models import BUILTIN
-from .options import CLI_METHODS, TrainOptions
+from .options import CLI_METHODS, TrainOptions, is_full
 from .progress import Console
 from .report import MetricsLog, TensorBoard, plot_loss, write_json
 from .task import Task, TaskData
@@ -120,6 +124,7 @@ class Engine:
         # every process must use rank 0's directory (a default name holds the time of day)
         self.out = Path(distributed.gather_objects(world, options.out or rundir.default_out(options.method))[0])
         self.pos = Position(world_size=world.size)
+        self.full = is_full(options.method)  # --method full: no adapter, the whole model trains
         self.metrics: MetricsLog | None = None
         self.board: TensorBoard | None = None
 
@@ -162,6 +167,7 @@ class Engine:
         import shutil
 
         stale = [self.out / d for d in (checkpoint.DIR, BEST_DIR, "tensorboard") if (self.out / d).exists()]
+        stale += full.stale_outputs(self.out, self.full, self.setup.model_path)  # the other kind's adapter/ or model/
         for path in stale:
             shutil.rmtree(path)
         if stale:
@@ -169,15 +175,17 @@ class Engine:
 
     def _check_options(self) -> None:
         o = self.options
-        build_config(o)  # the method's own values (--init, an even --r for orthogonal) before anything is loaded
+        if not self.full:
+            build_config(o)  # the method's own values (--init, an even --r for orthogonal) before anything is loaded
         if o.bf16 and self.world.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--bf16: this GPU does not support bfloat16; drop --bf16")
-        method = CLI_METHODS[o.method][0]
-        if o.fsdp and method.input_method:
+        # full fine-tuning: DDP, FSDP, gradient checkpointing and bf16 all apply (the options refused --quantize)
+        method = None if self.full else CLI_METHODS[o.method][0]
+        if method is not None and o.fsdp and method.input_method:
             weight_side = ", ".join(n for n, (m, _) in CLI_METHODS.items() if not m.input_method)
             raise ConfigError(f"--fsdp shards weight-side adapters ({weight_side}); --method {o.method} "
                               "trains a few virtual tokens: drop --fsdp")
-        if o.gradient_checkpointing and not method.gradient_checkpointing:
+        if method is not None and o.gradient_checkpointing and not method.gradient_checkpointing:
             raise ConfigError(f"--gradient-checkpointing recomputes the layers without their key/value cache, "
                               f"which --method {o.method} needs; drop one of --gradient-checkpointing and "
                               f"--method {o.method}")
@@ -198,14 +206,18 @@ class Engine:
         data = self.task.load_data()
         seed_everything(o.seed)  # before the model: a new head's weights and LoRA's A draw from it
         model, model_path = self.task.load_model(data, world.device)
-        config = build_config(o, self.task.peft_task_type, self.task.modules_to_save)
-        late = bool(o.quant_type) and lora_init.quantizes_after(config)  # PiSSA/LoftQ: quantize what the init wrote
-        if o.quant_type and not late:
-            peftkit.quantize(model, quant_type=o.quant_type)
-        peftkit.apply(model, config)
-        if late:
-            lora_init.quantize_base(model, quant_type=o.quant_type)
-        self._init_adapter(model, data, config)
+        if self.full:
+            config = None
+            full.prepare(model)
+        else:
+            config = build_config(o, self.task.peft_task_type, self.task.modules_to_save)
+            late = bool(o.quant_type) and lora_init.quantizes_after(config)  # PiSSA/LoftQ: quantize what the init wrote
+            if o.quant_type and not late:
+                peftkit.quantize(model, quant_type=o.quant_type)
+            peftkit.apply(model, config)
+            if late:
+                lora_init.quantize_base(model, quant_type=o.quant_type)
+            self._init_adapter(model, data, config)
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         summary = peftkit.trainable_summary(model)
@@ -216,8 +228,11 @@ class Engine:
                      f"{len(data.eval)} evaluation examples from {data.eval_source}")
         for line in data.lines:
             console.info(line)
-        console.info(f"{o.method}: {describe(config)}, targets {_targets_text(config, model)}; trainable params "
-                     f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)")
+        if self.full:
+            console.info(full.console_line(summary.trainable, summary.total, summary.percent))
+        else:
+            console.info(f"{o.method}: {describe(config)}, targets {_targets_text(config, model)}; trainable params "
+                         f"{summary.trainable:,} of {summary.total:,} ({summary.percent:.2f}%)")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ModelError("the model has no trainable parameters")
@@ -240,7 +255,8 @@ class Engine:
         self.total = o.max_steps if o.max_steps is not None else o.epochs * self.steps_per_epoch
         self.scheduler = make_schedule(o.scheduler, self.optimizer, int(self.total * o.warmup_ratio), self.total)
         self.base_lrs = list(self.scheduler.base_lrs)  # each group's peak rate under these options (_override_lr)
-        self.hooks = CLI_METHODS[o.method][0].training  # what the method needs from the loop (registry)
+        # what the method needs from the loop (registry); full fine-tuning: nothing
+        self.hooks = TrainingHooks() if self.full else CLI_METHODS[o.method][0].training
         if self.hooks.begin is not None:
             self.hooks.begin(model, ADAPTER, self.total)
         global_batch = o.batch_size * o.grad_accum * world.size
@@ -395,8 +411,9 @@ class Engine:
     # -- files -------------------------------------------------------------------------------
 
     def _write_adapter(self, directory: Path) -> None:
-        """The adapter as it is now, with the task's files, atomically at ``directory`` (rank 0)."""
-        tensors = self._adapter_tensors()
+        """The adapter (a full run: the model) as it is now, with the task's files, atomically
+        at ``directory`` (rank 0)."""
+        tensors = self._model_tensors() if self.full else self._adapter_tensors()
         if self.world.main:
             checkpoint.write_dir(directory, lambda tmp: self._fill_adapter(tmp, tensors))
         distributed.barrier(self.world)
@@ -412,6 +429,17 @@ class Engine:
         if bad is not None:
             raise self._diverged(self.pos.step, f"the adapter's tensor {bad} is no longer finite (inf or nan)")
         return tensors
+
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """A full run's whole model (gathered under FSDP: a collective), refused as
+        ``_adapter_tensors`` refuses an adapter when a tensor is no longer finite."""
+        self._check_model_finite()
+        return full.model_tensors(self.setup.model)
+
+    def _check_model_finite(self) -> None:
+        bad = full.first_nonfinite(self.setup.model, self.world)
+        if bad is not None:
+            raise self._diverged(self.pos.step, f"the model's tensor {bad} is no longer finite (inf or nan)")
 
     def _diverged(self, step: int, what: str) -> ModelError:
         """The one-line error of a run whose numbers blew up: the step, the last good
@@ -430,6 +458,10 @@ class Engine:
         return ModelError(f"step {step}: {what}; training stopped and this state was not saved; {how}")
 
     def _fill_adapter(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+        if self.full:
+            s = self.setup
+            full.fill_model_dir(directory, s.model, tensors, self.task, s.data, s.model_path, self._train_args())
+            return
         peftkit.io.write_files(self.setup.model, directory, ADAPTER, tensors=tensors)
         self.task.save_files(directory, self.setup.data)
         write_json(directory / rundir.ARGS_FILE, self._train_args())
@@ -438,7 +470,11 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         pos = self.pos
-        tensors = self._adapter_tensors()
+        if self.full:  # trainer_state.pt holds every parameter already: no model/ beside it
+            self._check_model_finite()
+            tensors = None
+        else:
+            tensors = self._adapter_tensors()
         model_sd, optim_sd = get_state_dict(
             self._state_module(), self.optimizer,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
@@ -449,7 +485,8 @@ class Engine:
                 trainer["method"] = self.hooks.state(self.setup.model, ADAPTER)
 
             def fill(tmp: Path) -> None:
-                self._fill_adapter(tmp / checkpoint.ADAPTER_DIR, tensors)
+                if tensors is not None:
+                    self._fill_adapter(tmp / checkpoint.ADAPTER_DIR, tensors)
                 checkpoint.save_torch(trainer, tmp / checkpoint.TRAINER_FILE)
                 write_json(tmp / checkpoint.STATE_FILE, asdict(pos))
 
@@ -501,9 +538,10 @@ class Engine:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _finish_adapter(self) -> tuple[dict[str, Any], int]:
-        """Write ``adapter/``: the best evaluated adapter with ``--keep-best``, else the last."""
+        """Write ``adapter/`` (a full run: ``model/``): the best evaluated adapter with
+        ``--keep-best``, else the last."""
         o, pos = self.options, self.pos
-        final = self.out / rundir.ADAPTER_DIR
+        final = self.out / (rundir.MODEL_DIR if self.full else rundir.ADAPTER_DIR)
         if o.keep_best and pos.best is not None:  # the same answer on every process (no file test)
             if self.world.main:
                 checkpoint.write_dir(final, lambda tmp: checkpoint.copy_files(self.out / BEST_DIR, tmp))
@@ -533,7 +571,7 @@ class Engine:
 
     def _summary(self, result: dict[str, Any], adapter_step: int, started: float) -> dict[str, Any]:
         o, pos, s, task = self.options, self.pos, self.setup, self.task
-        adapter_dir = self.out / rundir.ADAPTER_DIR
+        adapter_dir = self.out / (rundir.MODEL_DIR if self.full else rundir.ADAPTER_DIR)
         before = pos.before or {}
         assert self.metrics is not None
         steps_x, losses = self.metrics.train_points()
@@ -541,7 +579,9 @@ class Engine:
                   title=f"{o.method} on {Path(o.model).name}: loss"
                         + (f" (eval points labelled with {task.metric})" if task.metric != "loss" else ""))
         params = peftkit.trainable_summary(s.model)
-        adapter_bytes = (adapter_dir / rundir.WEIGHTS_FILE).stat().st_size
+        # a full run: the model's safetensors, what the task costs on disk
+        adapter_bytes = (rundir.weights_bytes(adapter_dir) if self.full
+                         else (adapter_dir / rundir.WEIGHTS_FILE).stat().st_size)
         summary = {
             "eval": result,  # of the adapter in adapter/
             "adapter_step": adapter_step,
@@ -580,9 +620,11 @@ class Engine:
             summary["accuracy_before"] = before["accuracy"]
         summary.update(self.task.summary_extras(s.data))
         write_json(self.out / "summary.json", summary)
-        self.console.essential(f"after training ({summary['adapter_is']} adapter, step {adapter_step}): "
+        what = "model" if self.full else "adapter"
+        self.console.essential(f"after training ({summary['adapter_is']} {what}, step {adapter_step}): "
                                f"{task.eval_text(result)}; before: {task.eval_text(before)}")
-        self.console.essential(f"saved: {adapter_dir} ({adapter_bytes / 1024:.0f} KB), metrics.jsonl, summary.json, "
+        size = f"{adapter_bytes / 2**20:.1f} MB" if self.full else f"{adapter_bytes / 1024:.0f} KB"
+        self.console.essential(f"saved: {adapter_dir} ({size}), metrics.jsonl, summary.json, "
                                f"loss.png in {self.out}")
         return summary
 

@@ -165,7 +165,8 @@ def _check_prompts(encoded: list[list[int]], adapted, max_new_tokens: int) -> No
     limit = max_positions(adapted.model)
     if limit is None:
         return
-    virtual = getattr(peftkit.read_config(adapted.adapter_dir), "num_virtual_tokens", 0) or 0
+    full = adapted.source is not None and adapted.source.full  # a full fine-tuning run's model: no adapter config
+    virtual = 0 if full else getattr(peftkit.read_config(adapted.adapter_dir), "num_virtual_tokens", 0) or 0
     longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
     need = len(encoded[longest]) + virtual + max_new_tokens
     if need > limit:

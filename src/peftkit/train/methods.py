@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from .. import ConfigError, PeftConfig
-from .options import CLI_METHODS, TrainOptions, check_method_options
+from .options import CLI_METHODS, TrainOptions, check_method_options, is_full
 
 ALL_LINEAR = "all-linear"
 _REGEX_CHARS = re.compile(r"[*+?()\[\]{}|^$\\]")
@@ -37,7 +37,10 @@ def parse_targets(value: str | list[str] | None) -> str | list[str] | None:
 def build_config(options: TrainOptions, task_type: str | None = None,
                  modules_to_save: list[str] | None = None) -> PeftConfig:
     """The method's config for the run (its registry entry's ``make_config`` with the method's
-    options); ``task_type`` and ``modules_to_save`` come from the task."""
+    options); ``task_type`` and ``modules_to_save`` come from the task. ``--method full`` has
+    none: it applies no adapter (``train/full.py``)."""
+    if is_full(options.method):
+        raise ConfigError("--method full trains the model itself: there is no adapter config to build")
     if options.method not in CLI_METHODS:
         raise ConfigError(f"--method: expected one of {', '.join(CLI_METHODS)}, found {options.method!r}")
     if options.targets is not None:  # the one option whose default (None) tells "not given"

@@ -23,16 +23,31 @@ from .. import ConfigError, registry
 # ``METHOD_SPECIFIC`` given (as a flag or a YAML key, even at its default value) to a method that
 # does not take it is an error (``check_method_options``); every other option applies to every
 # method.
+#
+# ``--method full`` is no adapter and has no registry entry (``train/full.py``): it is one of
+# ``METHODS`` but not of ``CLI_METHODS`` (the adapter methods), takes none of the method-specific
+# options, and has its own learning rate, ``FULL_LR`` (every weight moves, not a small new
+# module: the rate of BERT-style fine-tuning).
 CLI_METHODS = registry.cli_methods()
-METHODS = tuple(CLI_METHODS)
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: dict(entry.defaults) for name, (_, entry) in CLI_METHODS.items()
-                                              if entry.defaults}
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {name: entry.options for name, (_, entry) in CLI_METHODS.items()}
+FULL = "full"
+FULL_LR = 2e-5
+FULL_HELP = "full fine-tuning, no adapter: every parameter of the model trains (writes OUT/model, a whole model)"
+METHODS = (*CLI_METHODS, FULL)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    **{name: dict(entry.defaults) for name, (_, entry) in CLI_METHODS.items() if entry.defaults},
+    FULL: {"lr": FULL_LR}}
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {**{name: entry.options for name, (_, entry) in CLI_METHODS.items()},
+                                              FULL: ()}
 METHOD_SPECIFIC = registry.CLI_OPTIONS
 QUANT_TYPES = ("nf4", "fp4")
 DEVICES = ("cpu", "cuda")
 TASKS = ("classify", "causal-lm", "image-classify")
 SCHEDULERS = ("linear", "cosine", "constant")
+
+
+def is_full(method: str | None) -> bool:
+    """``--method full``: no adapter, the whole model trains."""
+    return method == FULL
 
 
 def base_quant_type(method: str | None, quantize: str | None) -> str | None:
@@ -122,6 +137,11 @@ class TrainOptions:
             fail("method", f"one of {', '.join(METHODS)}", self.method)
         if self.quantize is not None and self.quantize not in QUANT_TYPES:
             fail("quantize", f"one of {', '.join(QUANT_TYPES)}", self.quantize)
+        if self.quantize is not None and is_full(self.method):
+            source = (sources or {}).get("quantize") or (sources or {}).get("method")
+            raise ConfigError(f"{source + ': ' if source else ''}--quantize {self.quantize} with --method full: "
+                              "4-bit weights cannot be trained, and full fine-tuning trains every weight; drop "
+                              "--quantize (or train an adapter over the 4-bit base: --method qlora)")
         if self.device is not None and self.device not in DEVICES:
             fail("device", f"one of {', '.join(DEVICES)}", self.device)
 

@@ -10,9 +10,17 @@
 
 An adapter directory from elsewhere (HF PEFT's ``save_pretrained``, ``peftkit.save``) has only
 the first two files (or ``adapter_model.bin``, a pickle, read only on request: ``read_weights``).
+      model/                    instead of adapter/, a full fine-tuning run's (--method full):
+        config.json             transformers' save_pretrained directory (the whole model)
+        model.safetensors       (model-0000N-of-0000M.safetensors + its index for a large one)
+        tokenizer files         (an image classifier: preprocessor_config.json)
+        labels.json, train_args.json   as beside an adapter
       metrics.jsonl
       summary.json
       loss.png
+
+A directory holding ``config.json`` and ``train_args.json`` but no ``adapter_config.json`` is a
+full run's model (``is_full_model_dir``); a model ``peftkit merge`` wrote has no ``train_args.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from ..io import pickle_refusal, read_pickled_tensors
 from .methods import settings
 
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"  # a full fine-tuning run's whole model (--method full)
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"  # save_pretrained's index of a sharded model
 LABELS_FILE = "labels.json"
 ARGS_FILE = "train_args.json"
 CONFIG_FILE = "adapter_config.json"
@@ -41,16 +53,73 @@ def default_out(method: str) -> str:
 
 
 def find_adapter_dir(path: str | os.PathLike) -> Path:
-    """``path`` itself when it holds ``adapter_config.json``, else ``path/adapter`` (a run dir)."""
+    """What ``eval``/``info`` use of ``path``: ``path`` itself when it holds ``adapter_config.json``
+    or is a full run's model (``is_full_model_dir``), else ``path/adapter`` or ``path/model`` (a
+    run directory)."""
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if (path / CONFIG_FILE).is_file() or is_full_model_dir(path):
         return path
     if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
         return path / ADAPTER_DIR
+    if is_full_model_dir(path / MODEL_DIR):
+        return path / MODEL_DIR
     if not path.exists():
         raise AdapterFileError(f"{path}: not found")
     raise AdapterFileError(f"{path}: no {CONFIG_FILE} here nor in {path / ADAPTER_DIR} "
-                           "(expected an adapter directory or a peftkit run directory)")
+                           "(expected an adapter directory or a peftkit run directory; a full fine-tuning run "
+                           f"has {MODEL_DIR}/ with {MODEL_CONFIG} and {ARGS_FILE})")
+
+
+def is_full_model_dir(path: str | os.PathLike) -> bool:
+    """A full fine-tuning run's model directory: ``config.json`` and ``train_args.json``, and
+    no ``adapter_config.json``."""
+    path = Path(path)
+    return ((path / MODEL_CONFIG).is_file() and (path / ARGS_FILE).is_file()
+            and not (path / CONFIG_FILE).is_file())
+
+
+def model_weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` directory: ``model.safetensors``, or the
+    shards its index names; ``AdapterFileError`` when there are none."""
+    model_dir = Path(model_dir)
+    single = model_dir / MODEL_WEIGHTS
+    if single.is_file():
+        return [single]
+    index = model_dir / MODEL_INDEX
+    if index.is_file():
+        try:
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise AdapterFileError(f"{index}: not a safetensors index (a 'weight_map' of tensor names to files): "
+                                   f"{_first_line(exc)}") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise AdapterFileError(f"{index}: names {', '.join(missing)}, not found in {model_dir}")
+        return [model_dir / n for n in names]
+    raise AdapterFileError(f"{model_dir}: no {MODEL_WEIGHTS} (nor {MODEL_INDEX}): the model's weights are missing")
+
+
+def read_model_weights(model_dir: str | os.PathLike) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """(the weights file, or the index of a sharded model; the shape of every tensor), every
+    file's header checked as ``read_weights`` checks an adapter's."""
+    from safetensors import safe_open
+
+    files = model_weight_files(model_dir)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+            raise AdapterFileError(f"{path}: unreadable safetensors file (truncated or not safetensors?): "
+                                   f"{_first_line(exc)}") from None
+    return (files[0] if len(files) == 1 else Path(model_dir) / MODEL_INDEX), shapes
+
+
+def weights_bytes(model_dir: str | os.PathLike) -> int:
+    """Bytes of a model directory's safetensors files: what the trained model costs on disk."""
+    return sum(p.stat().st_size for p in model_weight_files(model_dir))
 
 
 def read_train_args(adapter_dir: str | os.PathLike) -> dict[str, Any]:
@@ -105,11 +174,14 @@ def _first_line(exc: BaseException) -> str:
 
 def adapter_facts(adapter_dir: str | os.PathLike, allow_pickle: bool = False) -> list[tuple[str, str]]:
     """What ``peftkit info`` prints: (label, value) pairs read from the files alone (and, for
-    the labels of an adapter without ``labels.json``, its base model's config)."""
+    the labels of an adapter without ``labels.json``, its base model's config); of a full run's
+    model directory, ``model_facts``."""
     from .. import read_config
     from .data import LabelMap
 
     adapter_dir = Path(adapter_dir)
+    if is_full_model_dir(adapter_dir):
+        return model_facts(adapter_dir)
     config = read_config(adapter_dir)
     data = config.to_dict()
     weights, shapes = read_weights(adapter_dir, allow_pickle)
@@ -147,18 +219,61 @@ def adapter_facts(adapter_dir: str | os.PathLike, allow_pickle: bool = False) ->
                                      f"(from task_type {config.task_type})"))
     if args.get("max_length") and args.get("task") != "image-classify":
         facts.append(("max length", str(args["max_length"])))
-    summary = adapter_dir.parent / "summary.json"
-    if adapter_dir.name == ADAPTER_DIR and summary.is_file():
-        try:
-            with open(summary, encoding="utf-8") as f:
-                s = json.load(f)
-            metric = s.get("metric", "accuracy")
-            where = f"step {s['adapter_step']}, {s.get('adapter_is', 'last')} adapter; " if "adapter_step" in s else ""
-            facts.append((f"eval {metric}", f"{s['eval'][metric]:.4f} on {s['eval']['n']} examples "
-                                            f"({where}before training {s['eval_before'][metric]:.4f})"))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a summary from an interrupted or older run: nothing to add
-    return facts
+    return facts + _summary_facts(adapter_dir, ADAPTER_DIR, "adapter")
+
+
+def _summary_facts(directory: Path, name: str, what: str) -> list[tuple[str, str]]:
+    """The run's evaluation from ``summary.json`` beside ``directory`` when it is the run's
+    ``name`` (``adapter``/``model``); nothing for a summary of an interrupted or older run."""
+    summary = directory.parent / "summary.json"
+    if directory.name != name or not summary.is_file():
+        return []
+    try:
+        with open(summary, encoding="utf-8") as f:
+            s = json.load(f)
+        metric = s.get("metric", "accuracy")
+        where = f"step {s['adapter_step']}, {s.get('adapter_is', 'last')} {what}; " if "adapter_step" in s else ""
+        return [(f"eval {metric}", f"{s['eval'][metric]:.4f} on {s['eval']['n']} examples "
+                                   f"({where}before training {s['eval_before'][metric]:.4f})")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def model_facts(model_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """What ``peftkit info`` prints for a full fine-tuning run's model directory."""
+    from .data import LabelMap
+
+    model_dir = Path(model_dir)
+    weights, shapes = read_model_weights(model_dir)
+    args = read_train_args(model_dir)
+    try:
+        with open(model_dir / MODEL_CONFIG, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"{model_dir / MODEL_CONFIG}: unreadable: {_first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{model_dir / MODEL_CONFIG}: expected a JSON object")
+    kind = ", ".join(config.get("architectures") or []) or str(config.get("model_type", "unknown"))
+    facts = [("model", str(model_dir)),
+             ("method", "full fine-tuning (every parameter trained: a whole transformers model, no adapter)"),
+             ("architecture", kind)]
+    if args.get("model"):
+        facts.append(("base model", str(args["model"])))
+    count = sum(_numel(s) for s in shapes.values())
+    facts.append(("parameters", f"{count:,} in {len(shapes)} tensors"))
+    size = weights_bytes(model_dir)
+    files = model_weight_files(model_dir)
+    facts.append(("file size", f"{_human(size)} ({size:,} bytes, "
+                               f"{files[0].name if len(files) == 1 else f'{len(files)} files'})"))
+    if (model_dir / LABELS_FILE).is_file():
+        facts.append(("labels", ", ".join(LabelMap.read(model_dir / LABELS_FILE).names)))
+        facts.append(("labels from", LABELS_FILE))
+    if args.get("task"):
+        facts.append(("trained for", str(args["task"])))
+    if args.get("max_length") and args.get("task") != "image-classify":
+        facts.append(("max length", str(args["max_length"])))
+    facts.append(("load with", "transformers' from_pretrained (peftkit merge: nothing to merge)"))
+    return facts + _summary_facts(model_dir, MODEL_DIR, "model")
 
 
 def _derived_label_facts(adapter_dir: Path, config: Any, args: dict[str, Any],
