@@ -23,7 +23,8 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import PeftkitError, PeftkitWarning
-from .train.options import CLI_METHODS, FIELDS, METHOD_DEFAULTS, METHOD_OPTIONS, METHODS, SCHEDULERS, TASKS
+from .train.options import (CLI_METHODS, FIELDS, FULL, FULL_HELP, METHOD_DEFAULTS, METHOD_OPTIONS, METHODS,
+                            SCHEDULERS, TASKS)
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -169,8 +170,8 @@ def _help(text: str, field: str) -> str:
 @click.option("--eval-data", help="Evaluation data, same formats.  [default: the demo's eval file; with "
               "--data, 20% of it held out (of each label's rows for classification), chosen with --seed]")
 @click.option("--method", type=click.Choice(METHODS), help=_help(
-    "Adapter method: " + "; ".join(f"{name}: {entry.help}" for name, (_, entry) in CLI_METHODS.items()) + ".",
-    "method"))
+    "Adapter method: " + "; ".join(f"{name}: {entry.help}" for name, (_, entry) in CLI_METHODS.items())
+    + f"; or {FULL}: {FULL_HELP}.", "method"))
 @click.option("--virtual-tokens", type=int, help=_help(_takes("Virtual tokens", "virtual_tokens"), "virtual_tokens"))
 @click.option("--r", type=int, help=_help(_takes("Rank", "r"), "r"))
 @click.option("--alpha", type=float, help=_help(_takes("Alpha (scaling = alpha / r)", "alpha"), "alpha"))
@@ -322,13 +323,19 @@ def _allow_pickle(fn: Callable[..., Any]) -> Callable[..., Any]:
               "[default: the run's evaluation data]")
 @click.option("--batch-size", type=int, help="[default: the training batch size]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
+@click.option("--forgetting", is_flag=True, help="Also measure how much training changed the base model on "
+              "unrelated reference data (docs/forgetting.md): classify: 1 - mean cosine of sentence embeddings and "
+              "the Spearman rho change; causal-lm: the relative change of perplexity.")
+@click.option("--reference", help="With --forgetting: the reference data, a JSONL file of {\"sentence1\", "
+              "\"sentence2\", \"score\" 0-5} rows or a text file.  [default: the bundled set]")
 @_allow_pickle
 @_common
 @_guarded
 def eval_(model: str | None, adapter: str, data: str | None, batch_size: int | None, device: str | None,
-          allow_pickle: bool, quiet: bool, debug: bool) -> None:
+          forgetting: bool, reference: str | None, allow_pickle: bool, quiet: bool, debug: bool) -> None:
     """Evaluate a trained adapter; prints one JSON line of metrics (classify, image-classify:
-    {"accuracy", "loss", "n", "labels_from"}; causal-lm: {"loss", "perplexity", "tokens", "n"})."""
+    {"accuracy", "loss", "n", "labels_from"}; causal-lm: {"loss", "perplexity", "tokens", "n"}),
+    with --forgetting also {"forgetting": {...}}."""
     from .train.adapted import resolve
     from .train.models import resolve_device
     from .train.progress import Console
@@ -336,9 +343,21 @@ def eval_(model: str | None, adapter: str, data: str | None, batch_size: int | N
 
     if batch_size is not None and batch_size < 1:
         raise click.BadParameter(f"expected a positive integer, found {batch_size}", param_hint="--batch-size")
+    if reference is not None and not forgetting:
+        raise click.BadParameter("given without --forgetting", param_hint="--reference")
     console = Console(quiet=quiet, to_stderr=True)
     source = resolve(adapter, model, allow_pickle)
+    if forgetting:  # a task or reference it cannot measure is refused before the evaluation runs
+        from . import forgetting as forgetting_
+
+        forgetting_.load_reference(reference, forgetting_.kind_of_task(source.task))
     result = module_of(source.task).evaluate_adapter(source, model, data, batch_size, resolve_device(device), console)
+    if forgetting:
+        figures = forgetting_.measure_run(adapter, reference, resolve_device(device), batch_size or 32, model=model,
+                                          allow_pickle=allow_pickle, console=console)
+        for line in forgetting_.lines(figures):
+            console.essential(line)
+        result["forgetting"] = figures
     click.echo(json.dumps(result))
 
 
@@ -363,6 +382,7 @@ def merge(model: str | None, adapter: str, out: str, quantized: bool, allow_pick
 
     console = Console(quiet=quiet)
     source = resolve(adapter, model, allow_pickle)
+    source.check_mergeable()  # a full fine-tuning run: a whole model already
     module = module_of(source.task)
     out_dir = module.merge_adapter(source, model, out, console, quantized)
     console.essential(f"merged model: {out_dir} (load it with {module.AUTO_CLASS}.from_pretrained)")
