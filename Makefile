@@ -22,12 +22,20 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# The browser test (tests/test_compare_browser.py) drives Debian's Chromium through its
+# chromedriver (selenium's own driver download would fetch a browser from outside); installed
+# where /usr/bin/chromedriver is missing, with apt-get update only if the install fails.
+CHROMIUM := test -x /usr/bin/chromedriver || apt-get install -y --no-install-recommends chromium chromium-driver \
+	|| { apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver; }
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
+	@$(CHROMIUM)
 	touch $@
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+	@$(CHROMIUM)
 
 demo: $(VENV)/.installed
 	$(BIN)/peftkit train --out runs/demo

@@ -325,8 +325,8 @@ def test_python_dash_m_and_a_real_process(tmp_path):
 
 
 # The clients of the library: the trainer, the CLI, and the tools built on the trainer.
-CLIENT_PACKAGES = ("train", "compare")
-CLIENT_MODULES = ("cli", "__main__", "forgetting", "plan", "plan_cli", "plan_measure")
+CLIENT_PACKAGES = ("train", "compare", "plan")
+CLIENT_MODULES = ("cli", "__main__", "forgetting", "plan_cli")
 
 
 def test_library_core_does_not_import_train_or_cli():

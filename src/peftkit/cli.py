@@ -445,6 +445,15 @@ def generate(model: str | None, adapter: str, prompt_texts: tuple[str, ...], pro
         click.echo(json.dumps(result, ensure_ascii=False))
 
 
+# The tools built on the trainer, each in its own module (imported after ``cli`` exists: they
+# decorate their commands with this module's helpers).
+from .compare.cli import compare as _compare  # noqa: E402
+from .plan_cli import plan as _plan  # noqa: E402
+
+cli.add_command(_compare)
+cli.add_command(_plan)
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="peftkit")
 
