@@ -164,3 +164,103 @@ def test_training_through_the_fused_path_matches_plain_training(merged):
         results.append((unit.lora_A.detach().clone(), unit.lora_B.detach().clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_inference_on_the_merged_weight_equals_the_plain_path(conv1d, monkeypatch):
+    model = _model(conv1d=conv1d, dropout=0.2).eval()
+    x = torch.randn(64, 10)
+    with torch.no_grad():
+        monkeypatch.setattr(lora_fused, "MERGED_WEIGHT", True)
+        merged_out = model(x)
+        monkeypatch.setattr(lora_fused, "MERGED_WEIGHT", False)
+        plain_out = model(x)
+        reference = _reference(model, x)
+    torch.testing.assert_close(merged_out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain_out, reference, rtol=1e-5, atol=1e-5)
+    weight = model.proj.base_layer.weight.clone()
+    with torch.no_grad():
+        monkeypatch.setattr(lora_fused, "MERGED_WEIGHT", True)
+        model(x)
+    assert torch.equal(model.proj.base_layer.weight, weight)  # built for the call, the base untouched
+
+
+def test_inference_in_training_mode_keeps_dropout(monkeypatch):
+    """Under no_grad in training mode the dropout mask is drawn as the plain path draws it."""
+    monkeypatch.setattr(lora_fused, "MERGED_WEIGHT", True)
+    model = _model(dropout=0.5)
+    x = torch.randn(8, 10)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = model(x)
+        torch.manual_seed(3)
+        reference = _reference(model, x)
+    torch.testing.assert_close(out, reference)
+
+
+# -- DoRA's node -------------------------------------------------------------------------------
+
+
+def _dora(conv1d=False, bias=True, seed=0):
+    model = _model(conv1d=conv1d, bias=bias, seed=seed, use_dora=True)
+    unit = model.proj.adapters["default"]
+    with torch.no_grad():
+        unit.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, unit.lora_magnitude_vector.numel()))
+    return model
+
+
+def _dora_reference(model, x):
+    """m / ‖W + s·BA‖ (a constant) ⊙ x (W + s·BA)ᵀ + b, by hand."""
+    layer, unit = model.proj, model.proj.adapters["default"]
+    w = unit._base_weight()
+    adapted = w + unit.scaling * unit.lora_B @ unit.lora_A
+    scale = unit.lora_magnitude_vector / adapted.detach().norm(dim=1)
+    out = scale * (x @ adapted.t())
+    bias = layer.base_layer.bias
+    return out + bias if bias is not None else out
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_node_equals_the_definition(conv1d, bias, merged):
+    model = _dora(conv1d, bias)
+    unit = model.proj.adapters["default"]
+    x = torch.randn(3, 5, 10, requires_grad=True)
+    results = []
+    for run in (lambda m, x: m(x), _dora_reference):
+        out = run(model, x)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append([out.detach(), x.grad.clone(), unit.lora_A.grad.clone(), unit.lora_B.grad.clone(),
+                        unit.lora_magnitude_vector.grad.clone()])
+        x.grad = unit.lora_A.grad = unit.lora_B.grad = unit.lora_magnitude_vector.grad = None
+    for got, want, name in zip(*results, ("out", "x", "A", "B", "m")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    names = _node_names(model(x))
+    assert ("_DoraDenseBackward" in names) == merged
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_dora_inference_on_the_merged_weight(conv1d, monkeypatch):
+    model = _dora(conv1d).eval()
+    x = torch.randn(64, 10)
+    with torch.no_grad():
+        outs = []
+        for flag in (True, False):
+            monkeypatch.setattr(lora_fused, "MERGED_WEIGHT", flag)
+            outs.append(model(x))
+        reference = _dora_reference(model, x)
+    torch.testing.assert_close(outs[0], reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_on_the_meta_device_runs():
+    """A LoRA model built without memory (to count parameters or plan memory) runs forward and
+    backward: autocast cannot be asked about the meta device."""
+    with torch.device("meta"):
+        model = _model()
+    x = torch.randn(4, 10, device="meta", requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (4, 12) and x.grad.shape == x.shape
+    with torch.no_grad():
+        assert model.eval()(x).is_meta

@@ -45,7 +45,7 @@ from .errors import ConfigError
 from .layer import AdapterLayer, SavedModule
 from .prompting import PromptHost
 from .targeting import logical_modules
-from .unit import MixTerms
+from .unit import MixTerms, autocast_on
 
 BASE = "__base__"
 FORCE_PATH: str | None = None  # "grouped" or "per_row": tests run both paths on the same batch
@@ -201,7 +201,7 @@ class LayerMix:
         out3 = out.view(batch, -1, out.shape[-1])
         tokens = x3.shape[1]
         fused = (out.dtype == self.a.dtype and not torch.is_grad_enabled()  # add into the base output in place
-                 and not torch.is_autocast_enabled(out.device.type))  # (autocast casts no in-place op's operands)
+                 and not autocast_on(out.device))  # (autocast casts no in-place op's operands)
         if self.path(plan, tokens, x3.shape[-1], out3.shape[-1]) == "per_row":
             bt = self.bt.index_select(0, plan.row_slot)  # (B, r, out)
             h = torch.bmm(x3, self.a.index_select(0, plan.row_slot))  # (B, T, r)

@@ -18,6 +18,15 @@ from .errors import ModelError
 FILE_PREFIX = "base_model.model."
 
 
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type; False for a type autocast does not know
+    (``meta``: a model built without memory, e.g. to count or plan), where asking it raises."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 class Unit(nn.Module):
     """One named adapter inside a host layer. Subclasses override what they need.
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..unit import MixTerms
+from . import lora_fused
 from .lora import LoraLinear
 
 
@@ -25,12 +26,17 @@ from .lora import LoraLinear
 # the base layer's output (W x plus bias). With dropout, W x is recomputed on the dropped input,
 # as HF PEFT does. Enabled by ``LoraConfig(use_dora=True)``; file key ``lora_magnitude_vector``
 # (shape (out_features,)) beside ``lora_A``/``lora_B``. Linear and Conv1D layers.
+#
+# Over a frozen dense float32 base with many rows and no active dropout, the layer runs instead
+# on W + s·BA, which the norm needs anyway, as one autograd node (``lora_fused.dora_dense``;
+# at inference ``lora_fused.merged_inference`` with the cached ratio): no low-rank pass over
+# the (N, out) output.
 
 
 class DoraLinear(LoraLinear):
     delta_reads_base = True  # the norm is taken of W + s·BA
     runs_first = True  # it rescales the base layer's own output (layer.Unit's composition rule)
-    fuses_base = False  # its own fused path (forward) rescales the base output
+    fuses_base = True  # on W + s·BA as one node where that moves fewer bytes (lora_fused.dora_dense)
 
     def __init__(self, base: nn.Module, transposed: bool, **lora) -> None:
         if isinstance(base, nn.Linear):  # also a 4-bit Linear, whose packed weight has another shape
@@ -67,6 +73,15 @@ class DoraLinear(LoraLinear):
             cached = (key, self.lora_magnitude_vector.detach() / self._norm(self._base_weight()))
             self.__dict__["_scale_cache"] = cached
         return cached[1]
+
+    def with_base(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        if base is not self._base or not lora_fused.fusable(base, x, self.lora_A, self.scaling, self.lora_B_bias is not None):
+            return None
+        if self.dropout is not None and self.dropout.training:
+            return None
+        if torch.is_grad_enabled():
+            return lora_fused.dora_dense(x, base, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling)
+        return lora_fused.merged_inference(x, base, self.lora_A, self.lora_B, self.scaling, self._scale())
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         scale = self._scale()  # (out,)

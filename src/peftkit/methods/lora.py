@@ -36,7 +36,7 @@ from .. import architectures, quant
 from ..config import TargetedConfig, check_bool, check_number, check_pattern, check_positive_int
 from ..errors import ConfigError, PeftkitWarning
 from ..layer import DeltaUnit
-from ..unit import MixTerms, adapter_factory
+from ..unit import MixTerms, adapter_factory, autocast_on
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d, pattern_value
 from . import lora_fused, lora_init
@@ -282,6 +282,10 @@ class LoraLinear(LoraUnit):
     def with_base(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         if not lora_fused.fusable(base, x, self.lora_A, self.scaling, self.lora_B_bias is not None):
             return None
+        if not torch.is_grad_enabled():
+            if self.dropout is not None and self.dropout.training:  # the plain path draws the mask
+                return None
+            return lora_fused.merged_inference(x, base, self.lora_A, self.lora_B, self.scaling)
         return lora_fused.lora_dense(x, self.dropped(x), base, self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -298,7 +302,7 @@ class LoraLinear(LoraUnit):
                 h, alpha = h * self.scaling, 1.0
             else:
                 alpha = self.scaling
-            if not torch.is_grad_enabled() and not torch.is_autocast_enabled(out.device.type):
+            if not torch.is_grad_enabled() and not autocast_on(out.device):
                 # Inference: add into the base layer's fresh output. A new (N, out) tensor would cost
                 # more than the update itself (on the CPU, 10-30 % of a large layer's time). Not
                 # under autocast, which casts addmm's operands but not an in-place addmm_'s.

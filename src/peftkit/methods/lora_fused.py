@@ -13,8 +13,12 @@ in place (``addmm_``) and the input gradient of the LoRA branch is added into th
 (N, r) product ``A·x``. With dropout the LoRA branch reads the dropped input, which autograd
 computed outside the node: the node takes both and returns a gradient for each.
 
-``fusable`` says when the node applies: a plain ``nn.Linear`` (or transformers' ``Conv1D``)
-base whose weight and bias are frozen, every tensor in one floating dtype, gradients on, not
+At inference (no gradients) ``merged_inference`` runs the layer on W + s·BA built for the call
+where that moves fewer bytes than the low-rank passes (many tokens, float32), else the plain
+path adds the update into the base output in place.
+
+``fusable`` says when either applies: a plain ``nn.Linear`` (or transformers' ``Conv1D``)
+base whose weight and bias are frozen, every tensor in one floating dtype, not
 under autocast (which would cast the operands of the base layer's own call but not ours), a
 float scaling (not ``swap.prepare_hotswap``'s 0-d tensor), no LoRA bias, and no hooks on the
 base layer (they would not see a call). Everything else
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from ..unit import autocast_on
 
 
 def _conv1d_type() -> type | None:
@@ -47,9 +53,9 @@ def fusable(base: nn.Module, x: torch.Tensor, a: torch.Tensor, scaling, has_bias
     weight, bias = base.weight, base.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad) or has_bias:
         return False
-    if isinstance(scaling, torch.Tensor) or not torch.is_grad_enabled():
+    if isinstance(scaling, torch.Tensor):
         return False
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x.device):
         return False
     return x.dtype == a.dtype == weight.dtype and x.device == weight.device and x.shape[-1] == a.shape[1]
 
@@ -62,13 +68,35 @@ def fusable(base: nn.Module, x: torch.Tensor, a: torch.Tensor, scaling, has_bias
 MERGED_WEIGHT: bool | str = "auto"
 
 
-def _merged_weight(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+def _merged_weight(x2: torch.Tensor, weight: torch.Tensor, builds: int = 2) -> bool:
+    """Whether building W + s·BA ``builds`` times moves fewer bytes than the low-rank passes:
+    in training, reading x for A·x and adding into the (N, out) output, then the (N, in) input
+    gradient (2·N·out + N·in against 2 builds of 2·out·in); at inference the output alone
+    (N·in + 2·N·out against one build). ``weight`` is (out, in)."""
     if MERGED_WEIGHT != "auto":
         return bool(MERGED_WEIGHT)
     if weight.dtype != torch.float32:
         return False
     n, (d_out, d_in) = x2.shape[0], weight.shape
-    return 2 * n * d_out + n * d_in > 4 * d_out * d_in
+    return 2 * n * d_out + n * d_in > builds * 2 * d_out * d_in
+
+
+def merged_inference(x: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                     scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Without gradients: the layer on W + s·BA built for this call (the base weight is not
+    touched), where that moves fewer bytes than the low-rank passes; None otherwise (the plain
+    path, which adds the update into the base output in place). No dropout may be active.
+    ``scale`` (DoRA's m/‖W + s·BA‖, (out,)) multiplies the product before the bias is added."""
+    transposed = type(base) is not nn.Linear
+    weight = base.weight
+    if not _merged_weight(x.reshape(-1, x.shape[-1]), weight.t() if transposed else weight, builds=1):
+        return None
+    w = _with_update(weight, a, b, scaling, transposed)
+    w = w.t() if transposed else w
+    if scale is None:  # LoRA
+        return torch.nn.functional.linear(x, w, base.bias)
+    y = torch.nn.functional.linear(x, w)  # DoRA: scale ⊙ x (W + s·BA)ᵀ + b
+    return torch.addcmul(base.bias, y, scale) if base.bias is not None else y * scale
 
 
 def lora_dense(x: torch.Tensor, dropped: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor,
@@ -162,3 +190,48 @@ class _LoraDenseDropped(torch.autograd.Function):
         shape = ctx.shape
         return (None if grad_x is None else grad_x.view(shape), None if grad_d is None else grad_d.view(shape),
                 None, None, grad_a, grad_b, None, None)
+
+
+# -- DoRA -------------------------------------------------------------------------------------
+# DoRA's output is m/‖W + s·BA‖ ⊙ (x (W + s·BA)ᵀ) + b, the norm a constant in the backward pass
+# (methods/dora.py). Its training step builds W + s·BA anyway, for the norm; run on that weight,
+# the layer needs no low-rank pass over the (N, out) output at all, and the backward builds it
+# once more for the input gradient. Same conditions as LoRA's node, no dropout, float32.
+
+
+def dora_dense(x: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor,
+               scaling: float) -> torch.Tensor | None:
+    """DoRA's layer (base and update) as one autograd node on W + s·BA, or None where the
+    low-rank path moves fewer bytes (``fusable`` must hold; no active dropout)."""
+    transposed = type(base) is not nn.Linear
+    weight = base.weight
+    if not _merged_weight(x.reshape(-1, x.shape[-1]), weight.t() if transposed else weight, builds=1):
+        return None
+    return _DoraDense.apply(x, weight, base.bias, a, b, magnitude, scaling, transposed)
+
+
+class _DoraDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, magnitude, scaling, transposed):
+        x2 = x.reshape(-1, x.shape[-1])
+        w = _with_update(weight, a, b, scaling, transposed)
+        w = w.t() if transposed else w  # (out, in)
+        norm = w.norm(dim=1)
+        scale = magnitude / norm
+        y = x2 @ w.t()  # (N, out)
+        out = torch.addcmul(bias, y, scale) if bias is not None else y * scale
+        ctx.save_for_backward(x2, weight, a, b, x2 @ a.t(), y, scale, norm)
+        ctx.scaling, ctx.transposed, ctx.shape = scaling, transposed, x.shape
+        ctx.needs_x, ctx.needs_a, ctx.needs_b, ctx.needs_m = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, a, b, h, y, scale, norm = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_m = (g2 * y).sum(0).div_(norm) if ctx.needs_m else None
+        gy = g2 * scale
+        ctx.needs_d = False
+        merged = _with_update(weight, a, b, ctx.scaling, ctx.transposed) if ctx.needs_x else None
+        grad_x, _, grad_a, grad_b = _backward(ctx, gy, x2, merged, a, b, h, fuse_dx=False)
+        return (None if grad_x is None else grad_x.view(ctx.shape)), None, None, grad_a, grad_b, grad_m, None, None

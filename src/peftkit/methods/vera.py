@@ -60,7 +60,7 @@ from .. import architectures
 from ..config import TargetedConfig, check_bool, check_number, check_positive_int
 from ..errors import ConfigError, ModelError, PeftkitWarning
 from ..layer import DeltaUnit, Host
-from ..unit import MixTerms, adapter_factory
+from ..unit import MixTerms, adapter_factory, autocast_on
 from ..registry import CliMethod, Method, register
 from ..targeting import is_conv1d
 
@@ -226,7 +226,7 @@ class VeraLinear(DeltaUnit):
         up = vera_b * self.vera_lambda_b.unsqueeze(1)  # Λ_b B: (out, r), cheaper than scaling (N, out)
         out2d = out.reshape(-1, out.shape[-1])
         if out2d.dtype == h.dtype:
-            if not torch.is_grad_enabled() and not torch.is_autocast_enabled(out.device.type):  # inference, no autocast:
+            if not torch.is_grad_enabled() and not autocast_on(out.device):  # inference, no autocast:
                 # into the base output, no new (N, out) tensor
                 return out2d.addmm_(h, up.t()).view(out.shape)
             return torch.addmm(out2d, h, up.t()).view(out.shape)
