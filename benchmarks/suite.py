@@ -319,12 +319,18 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results alone")
     parser.add_argument("--json", help="also write the results to this file (with --no-write: only there)")
+    parser.add_argument("--render", help="write BENCHMARKS.md and the plot from a results file this script wrote "
+                        "(e.g. results/suite.partial.json of a run that was stopped), measuring nothing")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiles of missed step targets")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         peak_child(*args.child)
+        return
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        report(data, write=True)
         return
     info = {**machine(args.threads), "date": time.strftime("%Y-%m-%d %H:%M")}
     command = "OMP_WAIT_POLICY=%s .venv/bin/python benchmarks/suite.py %s" % (
@@ -340,6 +346,10 @@ def main() -> None:
             if not args.no_memory:
                 r["peak_bytes"] = {lib: peak_bytes(method, model, lib, args.threads) for lib in r["libraries"]}
             results.append(r)
+            partial = {"machine": {**info, "minutes": (time.time() - started) / 60}, "command": command,
+                       "floor_peak_bytes": floors, "results": results, "partial": True}
+            if not args.no_write:  # a stopped run can still be rendered (--render)
+                (HERE / "results" / "suite.partial.json").write_text(json.dumps(partial, indent=1))
             t = r["train_ms"]
             print(f"[{time.time() - started:5.0f} s] {model} {method}: step peftkit {t['peftkit']:.0f} ms, "
                   f"HF {t.get('hf_peft', float('nan')):.0f} ms, floor {t['floor']:.0f} ms", flush=True)
@@ -352,20 +362,30 @@ def main() -> None:
             profiles.append({**p, "target": t["target"], "ratio": t["ratio"], "limit": t["limit"]})
             print(f"[{time.time() - started:5.0f} s] profiled {model} {method}", flush=True)
     info["minutes"] = (time.time() - started) / 60
+    data = {"machine": info, "command": command, "floor_peak_bytes": floors, "results": results,
+            "targets": target_rows, "profiles": profiles}
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    report(data, write=not args.no_write)
+    if not args.no_write:
+        (HERE / "results" / "suite.json").write_text(json.dumps(data, indent=1))
+        (HERE / "results" / "suite.partial.json").unlink(missing_ok=True)
+
+
+def report(data: dict, write: bool) -> None:
+    """Print the tables; with ``write``, the plot and BENCHMARKS.md's suite block too."""
+    results, floors, info = data["results"], data["floor_peak_bytes"], data["machine"]
+    target_rows = data.get("targets") or [t for r in results for t in suite_report.targets(r)]
+    profiles = data.get("profiles", [])
     print(suite_report.table(results, floors))
     print(suite_report.targets_table(target_rows))
     for p in profiles:
         print(suite_report.profile_table(p))
-    everything = json.dumps({"machine": info, "command": command, "floor_peak_bytes": floors, "results": results,
-                             "targets": target_rows, "profiles": profiles}, indent=1)
-    if args.json:
-        Path(args.json).write_text(everything)
-    if args.no_write:
+    if not write:
         return
-    (HERE / "results" / "suite.json").write_text(everything)
     suite_report.plot(results, HERE / "results.png")
+    command = data["command"] + (" (stopped early; rendered with --render)" if data.get("partial") else "")
     suite_report.write_markdown(HERE.parent / "BENCHMARKS.md", results, floors, info, command, target_rows, profiles)
-
 
 if __name__ == "__main__":
     main()
