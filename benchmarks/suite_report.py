@@ -92,6 +92,10 @@ def table(results: list[dict], floors: dict) -> str:
             f"{_r(ir, 'peftkit', 'base')} | {_r(ir, 'hf_peft', 'base')} | {_r(ir, 'peftkit_merged', 'base')} | "
             f"{peak['peftkit']} | {peak['hf_peft']} | {floor_peak} | "
             f"{load['peftkit']:.0f} ms | {hf_load} | {_mib(r['file_bytes']['peftkit'])} |")
+    refused = [f"{r['model']} / {r['method']}: HF PEFT failed ({why})" for r in results
+               for lib, why in r.get("unavailable", {}).items()]
+    if refused:
+        lines.append("\n" + "; ".join(refused) + ".")
     return "\n".join(lines)
 
 
